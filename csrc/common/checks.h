@@ -1,0 +1,75 @@
+// Host-side input checks shared by the CPU and CUDA entry points. Kernels assume their
+// inputs passed these.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <utility>
+
+namespace stochgate {
+
+// The (seed, offset) key of a sampling op: an int64 tensor of two elements, drawn from a
+// torch.Generator by the Python wrapper. On CPU its values are read here; a CUDA kernel
+// reads a CUDA key itself so that the op never synchronises with the host.
+inline void check_key(const at::Tensor& key, const char* op) {
+  TORCH_CHECK(key.scalar_type() == at::kLong && key.numel() == 2, op,
+              ": key must be an int64 tensor of 2 elements (seed, offset), got ",
+              key.scalar_type(), " of shape ", key.sizes());
+}
+
+inline std::pair<uint64_t, uint64_t> cpu_key_values(const at::Tensor& key) {
+  auto k = key.to(at::kCPU).contiguous();
+  const int64_t* p = k.data_ptr<int64_t>();
+  return {static_cast<uint64_t>(p[0]), static_cast<uint64_t>(p[1])};
+}
+
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor (float16, bfloat16, float32, float64), got ",
+              t.scalar_type());
+}
+
+inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const char* name_a, const char* name_b) {
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", name_a, " and ", name_b,
+              " must have the same shape, got ", a.sizes(), " and ", b.sizes());
+}
+
+inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const char* name_a, const char* name_b) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " and ", name_b,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                              const char* name_a, const char* name_b) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name_a, " and ", name_b,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+// Shared checks of REINFORCE's inputs: logits (B, ...), h like logits, loss (B,),
+// baseline (U,) with U = logits.numel() / B.
+inline void check_reinforce_inputs(const at::Tensor& logits, const at::Tensor& h,
+                                   const at::Tensor& loss, const at::Tensor& baseline) {
+  const char* op = "stochgate::reinforce";
+  check_floating(logits, op, "logits");
+  check_same_shape(logits, h, op, "logits", "h");
+  TORCH_CHECK(logits.dim() >= 1, op, ": logits must have a batch dimension, got shape ",
+              logits.sizes());
+  const int64_t B = logits.size(0);
+  TORCH_CHECK(loss.dim() == 1 && loss.size(0) == B, op, ": loss must have shape (", B,
+              ",) to match logits ", logits.sizes(), ", got ", loss.sizes());
+  int64_t U = 1;
+  for (int64_t d = 1; d < logits.dim(); ++d) U *= logits.size(d);
+  TORCH_CHECK(baseline.dim() == 1 && baseline.size(0) == U, op,
+              ": baseline must have shape (", U, ",) (one value per unit of logits ",
+              logits.sizes(), "), got ", baseline.sizes());
+  for (const at::Tensor* t : {&h, &loss, &baseline}) {
+    TORCH_CHECK(t->device() == logits.device(), op,
+                ": logits, h, loss and baseline must be on one device, got ", logits.device(),
+                " and ", t->device());
+  }
+}
+
+}  // namespace stochgate
