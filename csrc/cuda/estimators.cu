@@ -1,0 +1,342 @@
+// CUDA kernels of the sampling estimators: one fused pass per op. Each thread owns Philox
+// groups of 4 consecutive elements (the same stream layout as the CPU kernels, so the same
+// key gives the same samples), loads and stores them as one vector when aligned, and walks
+// the tensor grid-stride. A CUDA key is read by the kernel itself: no host synchronisation.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../common/checks.h"
+#include "../common/estimators.h"
+
+namespace stochgate {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct alignas(sizeof(T) * 4) Vec4 {
+  T v[4];
+};
+
+template <typename T>
+bool aligned4(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * 4) == 0;
+}
+
+int blocks_for(int64_t work_items) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = (work_items + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, sms * 16)));
+}
+
+// Where the kernel finds its (seed, offset): device memory, or values passed by the host.
+struct KeyArg {
+  const int64_t* ptr;
+  uint64_t seed, offset;
+};
+
+KeyArg key_arg(const at::Tensor& logits, const at::Tensor& key, const char* op) {
+  check_key(key, op);
+  if (key.is_cuda()) {
+    TORCH_CHECK(key.device() == logits.device(), op, ": key is on ", key.device(),
+                " but the input is on ", logits.device());
+    TORCH_CHECK(key.is_contiguous(), op, ": a CUDA key must be contiguous");
+    return KeyArg{key.const_data_ptr<int64_t>(), 0, 0};
+  }
+  const auto [seed, offset] = cpu_key_values(key);
+  return KeyArg{nullptr, seed, offset};
+}
+
+template <typename scalar_t, typename F>
+__global__ void sample_map_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                  int64_t n, KeyArg key, bool vectorised, F f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  uint64_t seed = key.seed, offset = key.offset;
+  if (key.ptr != nullptr) {
+    seed = static_cast<uint64_t>(key.ptr[0]);
+    offset = static_cast<uint64_t>(key.ptr[1]);
+  }
+  const int64_t groups = (n + 3) / 4;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const U32x4 r = philox_group(seed, offset, static_cast<uint64_t>(g));
+    const int64_t base = 4 * g;
+    if (vectorised && base + 4 <= n) {
+      Vec4<scalar_t> in = reinterpret_cast<const Vec4<scalar_t>*>(x)[g];
+      Vec4<scalar_t> out;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        out.v[l] = static_cast<scalar_t>(f(static_cast<acc_t>(in.v[l]), r, l));
+      }
+      reinterpret_cast<Vec4<scalar_t>*>(y)[g] = out;
+    } else {
+      for (int l = 0; l < 4 && base + l < n; ++l) {
+        y[base + l] = static_cast<scalar_t>(f(static_cast<acc_t>(x[base + l]), r, l));
+      }
+    }
+  }
+}
+
+// out[i] = f(a[i], b[i], c[i]) over contiguous tensors (c may alias b for two-input maps).
+template <typename scalar_t, typename F>
+__global__ void map3_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                            const scalar_t* __restrict__ c, scalar_t* __restrict__ out, int64_t n,
+                            bool vectorised, F f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (n + 3) / 4;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t base = 4 * g;
+    if (vectorised && base + 4 <= n) {
+      const Vec4<scalar_t> va = reinterpret_cast<const Vec4<scalar_t>*>(a)[g];
+      const Vec4<scalar_t> vb = reinterpret_cast<const Vec4<scalar_t>*>(b)[g];
+      const Vec4<scalar_t> vc = reinterpret_cast<const Vec4<scalar_t>*>(c)[g];
+      Vec4<scalar_t> vo;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        vo.v[l] = static_cast<scalar_t>(f(static_cast<acc_t>(va.v[l]), static_cast<acc_t>(vb.v[l]),
+                                          static_cast<acc_t>(vc.v[l])));
+      }
+      reinterpret_cast<Vec4<scalar_t>*>(out)[g] = vo;
+    } else {
+      for (int64_t i = base; i < base + 4 && i < n; ++i) {
+        out[i] = static_cast<scalar_t>(
+            f(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]), static_cast<acc_t>(c[i])));
+      }
+    }
+  }
+}
+
+struct BinarySampleF {
+  template <typename acc_t>
+  __device__ acc_t operator()(acc_t x, const U32x4& r, int l) const {
+    return binary_sample_elem(x, lane(r, l));
+  }
+};
+
+struct StsF {
+  template <typename acc_t>
+  __device__ acc_t operator()(acc_t x, const U32x4& r, int l) const {
+    return sts_elem(x, lane(r, l));
+  }
+};
+
+template <typename acc_t>
+struct NoisyRectifierF {
+  acc_t sigma;
+  bool logistic;
+  __device__ acc_t operator()(acc_t x, const U32x4& r, int l) const {
+    return noisy_rectifier_elem(x, sigma, r, l, logistic);
+  }
+};
+
+struct SigmoidBackwardF {  // (grad, logits, unused)
+  template <typename acc_t>
+  __device__ acc_t operator()(acc_t g, acc_t x, acc_t) const {
+    return sigmoid_backward_elem(g, x);
+  }
+};
+
+struct StsBackwardF {  // (grad, logits, h)
+  template <typename acc_t>
+  __device__ acc_t operator()(acc_t g, acc_t x, acc_t h) const {
+    return sts_backward_elem(g, x, h);
+  }
+};
+
+struct NoisyBackwardF {  // (grad, h, unused)
+  template <typename acc_t>
+  __device__ acc_t operator()(acc_t g, acc_t h, acc_t) const {
+    return noisy_rectifier_backward_elem(g, h);
+  }
+};
+
+// Launches the fused sampling kernel of `op` with functor `make_f<scalar_t>()`.
+template <typename MakeF>
+at::Tensor launch_sample(const at::Tensor& input, const at::Tensor& key, const char* op,
+                         const char* name, MakeF make_f) {
+  check_floating(input, op, name);
+  c10::cuda::CUDAGuard guard(input.device());
+  const KeyArg k = key_arg(input, key, op);
+  auto in = input.contiguous();
+  auto out = at::empty_like(in);
+  const int64_t n = in.numel();
+  if (n == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "stochgate_sample_cuda", [&] {
+    const scalar_t* px = in.const_data_ptr<scalar_t>();
+    scalar_t* py = out.mutable_data_ptr<scalar_t>();
+    const bool vec = aligned4(px) && aligned4(static_cast<const scalar_t*>(py));
+    sample_map_kernel<<<blocks_for((n + 3) / 4), kThreads, 0, stream>>>(
+        px, py, n, k, vec, make_f.template operator()<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// out = f(a, b, c) elementwise; all inputs already checked to share shape and dtype.
+template <typename F>
+at::Tensor launch_map3(const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& c_,
+                       const char* op, F f) {
+  c10::cuda::CUDAGuard guard(a_.device());
+  auto a = a_.contiguous();
+  auto b = b_.contiguous();
+  auto c = c_.contiguous();
+  auto out = at::empty_like(b);
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "stochgate_map3_cuda", [&] {
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    const scalar_t* pc = c.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    const bool vec = aligned4(pa) && aligned4(pb) && aligned4(pc) &&
+                     aligned4(static_cast<const scalar_t*>(po));
+    map3_kernel<<<blocks_for((n + 3) / 4), kThreads, 0, stream>>>(pa, pb, pc, po, n, vec, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename F>
+struct Const {
+  F f;
+  template <typename scalar_t>
+  F operator()() const {
+    return f;
+  }
+};
+
+at::Tensor binary_sample_cuda(const at::Tensor& logits, const at::Tensor& key) {
+  return launch_sample(logits, key, "stochgate::binary_sample", "logits",
+                       Const<BinarySampleF>{BinarySampleF{}});
+}
+
+at::Tensor straight_through_cuda(const at::Tensor& logits, const at::Tensor& key, bool) {
+  return launch_sample(logits, key, "stochgate::straight_through", "logits",
+                       Const<BinarySampleF>{BinarySampleF{}});
+}
+
+at::Tensor stochastic_times_smooth_cuda(const at::Tensor& logits, const at::Tensor& key) {
+  return launch_sample(logits, key, "stochgate::stochastic_times_smooth", "logits",
+                       Const<StsF>{StsF{}});
+}
+
+struct MakeNoisy {
+  double sigma;
+  bool logistic;
+  template <typename scalar_t>
+  NoisyRectifierF<at::opmath_type<scalar_t>> operator()() const {
+    using acc_t = at::opmath_type<scalar_t>;
+    return NoisyRectifierF<acc_t>{static_cast<acc_t>(sigma), logistic};
+  }
+};
+
+at::Tensor noisy_rectifier_cuda(const at::Tensor& x, const at::Tensor& key, double sigma,
+                                bool logistic) {
+  TORCH_CHECK(sigma >= 0, "stochgate::noisy_rectifier: sigma must be >= 0, got ", sigma);
+  return launch_sample(x, key, "stochgate::noisy_rectifier", "x", MakeNoisy{sigma, logistic});
+}
+
+at::Tensor straight_through_backward_cuda(const at::Tensor& grad, const at::Tensor& logits) {
+  const char* op = "stochgate::straight_through_backward";
+  check_same_shape(grad, logits, op, "grad", "logits");
+  check_same_dtype(grad, logits, op, "grad", "logits");
+  check_same_device(grad, logits, op, "grad", "logits");
+  return launch_map3(grad, logits, logits, op, SigmoidBackwardF{});
+}
+
+at::Tensor stochastic_times_smooth_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
+                                                 const at::Tensor& h) {
+  const char* op = "stochgate::stochastic_times_smooth_backward";
+  check_same_shape(grad, logits, op, "grad", "logits");
+  check_same_shape(h, logits, op, "h", "logits");
+  check_same_dtype(grad, logits, op, "grad", "logits");
+  check_same_dtype(h, logits, op, "h", "logits");
+  check_same_device(grad, logits, op, "grad", "logits");
+  check_same_device(h, logits, op, "h", "logits");
+  return launch_map3(grad, logits, h, op, StsBackwardF{});
+}
+
+at::Tensor noisy_rectifier_backward_cuda(const at::Tensor& grad, const at::Tensor& h) {
+  const char* op = "stochgate::noisy_rectifier_backward";
+  check_same_shape(grad, h, op, "grad", "h");
+  check_same_dtype(grad, h, op, "grad", "h");
+  check_same_device(grad, h, op, "grad", "h");
+  return launch_map3(grad, h, h, op, NoisyBackwardF{});
+}
+
+at::Tensor reinforce_cuda(const at::Tensor& logits, const at::Tensor& h, const at::Tensor& loss,
+                          const at::Tensor& baseline, double) {
+  check_reinforce_inputs(logits, h, loss, baseline);
+  return at::zeros({}, logits.options());
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void reinforce_backward_kernel(const scalar_t* __restrict__ grad,
+                                          const scalar_t* __restrict__ x,
+                                          const scalar_t* __restrict__ h,
+                                          const acc_t* __restrict__ loss,
+                                          const acc_t* __restrict__ c, scalar_t* __restrict__ out,
+                                          int64_t n, int64_t units, acc_t scale) {
+  const acc_t go = static_cast<acc_t>(grad[0]) * scale;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = static_cast<scalar_t>(reinforce_backward_elem<acc_t>(
+        go, static_cast<acc_t>(x[i]), static_cast<acc_t>(h[i]), loss[i / units], c[i % units]));
+  }
+}
+
+at::Tensor reinforce_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
+                                   const at::Tensor& h, const at::Tensor& loss,
+                                   const at::Tensor& baseline, double scale) {
+  check_reinforce_inputs(logits, h, loss, baseline);
+  TORCH_CHECK(grad.numel() == 1, "stochgate::reinforce_backward: grad must be a scalar, got ",
+              grad.sizes());
+  check_same_device(grad, logits, "stochgate::reinforce_backward", "grad", "logits");
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto x = logits.contiguous();
+  auto hc = h.to(x.scalar_type()).contiguous();
+  auto g = grad.to(x.scalar_type()).contiguous();
+  auto out = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  const int64_t units = n / x.size(0);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "reinforce_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    auto lc = loss.to(acc_dtype).contiguous();
+    auto cc = baseline.to(acc_dtype).contiguous();
+    reinforce_backward_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), hc.const_data_ptr<scalar_t>(),
+        lc.const_data_ptr<acc_t>(), cc.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), n,
+        units, static_cast<acc_t>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stochgate, CUDA, m) {
+  m.impl("binary_sample", &binary_sample_cuda);
+  m.impl("straight_through", &straight_through_cuda);
+  m.impl("straight_through_backward", &straight_through_backward_cuda);
+  m.impl("stochastic_times_smooth", &stochastic_times_smooth_cuda);
+  m.impl("stochastic_times_smooth_backward", &stochastic_times_smooth_backward_cuda);
+  m.impl("noisy_rectifier", &noisy_rectifier_cuda);
+  m.impl("noisy_rectifier_backward", &noisy_rectifier_backward_cuda);
+  m.impl("reinforce", &reinforce_cuda);
+  m.impl("reinforce_backward", &reinforce_backward_cuda);
+}
+
+}  // namespace stochgate
