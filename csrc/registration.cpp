@@ -25,7 +25,11 @@ TORCH_LIBRARY(stochgate, m) {
   // Gated matmuls (conditional computation). gates (B, C) split the N output units
   // (gated_linear) or the N input units (gated_input_linear) into C chunks; a zero gate skips
   // its chunk. Backward outputs not asked for by output_mask come back as empty tensors.
-  m.def("gated_linear(Tensor x, Tensor weight, Tensor? bias, Tensor gates) -> Tensor");
+  // full_gate_grad only steers autograd (the gradient of gates for gated-off pairs, which
+  // needs the skipped product); the forward kernels ignore it.
+  m.def(
+      "gated_linear(Tensor x, Tensor weight, Tensor? bias, Tensor gates, "
+      "bool full_gate_grad=True) -> Tensor");
   m.def(
       "gated_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor gates, "
       "bool[4] output_mask, bool full_gate_grad) -> (Tensor, Tensor, Tensor, Tensor)");

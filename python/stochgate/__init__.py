@@ -20,6 +20,7 @@ from .estimators import (
     stochastic_times_smooth,
     straight_through,
 )
+from .gated import gated_input_linear, gated_linear
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ from . import nn, reference  # noqa: E402  (nn uses the functions above)
 __all__ = [
     "binary_sample",
     "build_info",
+    "gated_input_linear",
+    "gated_linear",
     "MinVarianceBaseline",
     "MovingAverageBaseline",
     "nn",

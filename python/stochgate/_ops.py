@@ -143,3 +143,93 @@ def _reinforce_backward(ctx, grad):
 torch.library.register_autograd(
     "stochgate::reinforce", _reinforce_backward, setup_context=_reinforce_setup
 )
+
+
+# ---------------------------------------------------------------------------------------
+# Gated matmuls: fake kernels and autograd. Backward outputs that output_mask does not ask
+# for come back from the kernels as empty (0,) tensors.
+
+
+def _empty0(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty((0,))
+
+
+@torch.library.register_fake("stochgate::gated_linear")
+def _(x, weight, bias, gates, full_gate_grad=True):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("stochgate::gated_linear_backward")
+def _(grad_y, x, weight, bias, gates, output_mask, full_gate_grad):
+    dx = x.new_empty(x.shape) if output_mask[0] else _empty0(x)
+    dw = x.new_empty(weight.shape) if output_mask[1] else _empty0(x)
+    db = x.new_empty((weight.shape[0],)) if (output_mask[2] and bias is not None) else _empty0(x)
+    dg = gates.new_empty(gates.shape) if output_mask[3] else _empty0(gates)
+    return dx, dw, db, dg
+
+
+@torch.library.register_fake("stochgate::gated_input_linear")
+def _(h, weight, bias, gates):
+    return h.new_empty((h.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("stochgate::gated_input_linear_backward")
+def _(grad_y, h, weight, gates, output_mask):
+    dh = h.new_empty(h.shape) if output_mask[0] else _empty0(h)
+    dw = h.new_empty(weight.shape) if output_mask[1] else _empty0(h)
+    db = h.new_empty((weight.shape[0],)) if output_mask[2] else _empty0(h)
+    return dh, dw, db
+
+
+def _gated_linear_setup(ctx, inputs, output):
+    x, weight, bias, gates, full_gate_grad = inputs
+    ctx.full_gate_grad = full_gate_grad
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, bias, gates)
+
+
+def _gated_linear_backward(ctx, grad):
+    x, weight, bias, gates = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], ctx.has_bias and need[2], need[3]]
+    if not any(mask):
+        return None, None, None, None, None
+    dx, dw, db, dg = ops.gated_linear_backward(
+        grad.contiguous(), x, weight, bias, gates, mask, ctx.full_gate_grad
+    )
+    return (
+        dx if mask[0] else None,
+        dw if mask[1] else None,
+        db if mask[2] else None,
+        dg if mask[3] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "stochgate::gated_linear", _gated_linear_backward, setup_context=_gated_linear_setup
+)
+
+
+def _gated_input_linear_setup(ctx, inputs, output):
+    h, weight, bias, gates = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(h, weight, gates)
+
+
+def _gated_input_linear_backward(ctx, grad):
+    h, weight, gates = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], ctx.has_bias and need[2]]
+    if not any(mask):
+        return None, None, None, None
+    dh, dw, db = ops.gated_input_linear_backward(grad.contiguous(), h, weight, gates, mask)
+    # gates only select which units are read: their gradient is zero almost everywhere.
+    return (dh if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None)
+
+
+torch.library.register_autograd(
+    "stochgate::gated_input_linear",
+    _gated_input_linear_backward,
+    setup_context=_gated_input_linear_setup,
+)

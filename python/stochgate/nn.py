@@ -1,7 +1,9 @@
-"""Modules: :class:`StochasticGate` (each estimator as a layer)."""
+"""Modules: :class:`StochasticGate` (each estimator as a layer), :class:`GatedLinear` and
+:class:`GatedInputLinear` (gated matmuls that skip gated-off chunks)."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 
 from . import estimators
 from .baselines import MinVarianceBaseline
+from .gated import gated_input_linear, gated_linear
 
 Estimator = Literal["st", "st_sigmoid", "sts", "noisy_rectifier", "reinforce"]
 _ESTIMATORS = ("st", "st_sigmoid", "sts", "noisy_rectifier", "reinforce")
@@ -92,3 +95,75 @@ class StochasticGate(nn.Module):
         a, h = self._last
         self._last = None
         return estimators.reinforce(a, h, loss, baseline=self.baseline, reduction=reduction)
+
+
+class _GatedBase(nn.Module):
+    """Parameters and nn.Linear initialisation shared by the gated layers."""
+
+    def __init__(self, in_features: int, out_features: int, num_chunks: int, gated_units: int,
+                 bias: bool, device, dtype) -> None:
+        super().__init__()
+        if num_chunks < 1 or gated_units % num_chunks != 0:
+            raise ValueError(
+                f"num_chunks must divide the {gated_units} gated units, got num_chunks={num_chunks}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_chunks = num_chunks
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The initialisation of nn.Linear.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[1]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_chunks={self.num_chunks}, bias={self.bias is not None}"
+        )
+
+
+class GatedLinear(_GatedBase):
+    """``nn.Linear`` whose ``out_features`` are split into ``num_chunks`` chunks switched on and
+    off per example by ``gates (B, num_chunks)``: :func:`stochgate.gated_linear`. Gated-off
+    chunks output exactly 0 and cost nothing. ``gate_grad`` (``None``, ``"full"``, ``"active"``)
+    is passed on: see :func:`stochgate.gated_linear`.
+
+    >>> layer = GatedLinear(784, 2000, num_chunks=2000)
+    >>> y = layer(x, gates)          # x (B, 784), gates (B, 2000)
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_chunks: int, bias: bool = True,
+                 *, gate_grad: Literal["full", "active"] | None = None, device=None,
+                 dtype=None) -> None:
+        if gate_grad not in (None, "full", "active"):
+            raise ValueError(f"gate_grad must be None, 'full' or 'active', got {gate_grad!r}")
+        super().__init__(in_features, out_features, num_chunks, out_features, bias, device, dtype)
+        self.gate_grad = gate_grad
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return gated_linear(x, self.weight, self.bias, gates, gate_grad=self.gate_grad)
+
+
+class GatedInputLinear(_GatedBase):
+    """``nn.Linear`` whose ``in_features`` are split into ``num_chunks`` chunks; per example only
+    the chunks with a nonzero gate are read: :func:`stochgate.gated_input_linear`. The layer
+    after a :class:`GatedLinear` with the same gates.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_chunks: int, bias: bool = True,
+                 *, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, num_chunks, in_features, bias, device, dtype)
+
+    def forward(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return gated_input_linear(h, self.weight, self.bias, gates)

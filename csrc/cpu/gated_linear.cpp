@@ -1,0 +1,879 @@
+// CPU kernels of the gated matmuls (conditional computation): work proportional to the number
+// of active (row, chunk) pairs.
+//
+// Two routes, chosen by the chunk width (measured in benchmarks/bench_gated_cpu.py):
+// - chunk >= kGemmMinChunk: per chunk, gather the rows whose gate is on and run one dense GEMM
+//   with the chunk's weight block through ATen's BLAS; parallel over chunks (or over output
+//   column slices where chunks add into the same rows), single-threaded GEMMs inside.
+// - narrower chunks (chunk = 1 is the paper's per-unit gating): row-wise sparse kernels over
+//   per-row lists of active units, vectorised dot products / axpys over cache-resident blocks.
+// float16/bfloat16 are computed in float32 (PyTorch's CPU GEMMs accumulate in float32 too)
+// and rounded once at the end.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../common/checks.h"
+
+namespace stochgate {
+namespace {
+
+// Chunks at least this wide go through per-chunk GEMMs; narrower ones through the row-wise
+// sparse kernels (see benchmarks/bench_gated_cpu.py for the measurement behind it).
+constexpr int64_t kGemmMinChunk = 16;
+// Row-kernel cache blocking: a block of weight rows (units) of about this many bytes stays
+// in L2 while the rows of a thread stream past it; K blocks of kKBlock elements keep an
+// output row segment in registers.
+constexpr int64_t kL2Bytes = 1 << 20;
+constexpr int64_t kKBlock = 128;
+
+// ---------------------------------------------------------------------------------------
+// Routing: which (row, chunk) pairs are active, and their gate values.
+
+struct RowRouting {  // CSR by rows: row b's active chunks, ascending
+  std::vector<int64_t> offsets;  // B + 1
+  std::vector<int64_t> chunks;
+  std::vector<double> gate;
+};
+
+struct ChunkRouting {  // CSR by chunks: chunk c's active rows, ascending
+  std::vector<int64_t> offsets;  // C + 1
+  std::vector<int64_t> rows;
+  std::vector<double> gate;
+  int64_t max_rows = 0;
+};
+
+template <typename g_t>
+RowRouting route_rows_impl(const at::Tensor& gates) {
+  const int64_t B = gates.size(0), C = gates.size(1);
+  const g_t* g = gates.const_data_ptr<g_t>();
+  RowRouting r;
+  r.offsets.assign(B + 1, 0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t n = 0;
+      for (int64_t c = 0; c < C; ++c) n += g[b * C + c] != g_t(0);
+      r.offsets[b + 1] = n;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) r.offsets[b + 1] += r.offsets[b];
+  r.chunks.resize(r.offsets[B]);
+  r.gate.resize(r.offsets[B]);
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t p = r.offsets[b];
+      for (int64_t c = 0; c < C; ++c) {
+        const g_t v = g[b * C + c];
+        if (v != g_t(0)) {
+          r.chunks[p] = c;
+          r.gate[p] = static_cast<double>(v);
+          ++p;
+        }
+      }
+    }
+  });
+  return r;
+}
+
+RowRouting route_rows(const at::Tensor& gates) {
+  auto g = gates.contiguous();
+  RowRouting r;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "route_rows", [&] {
+    r = route_rows_impl<scalar_t>(g);
+  });
+  return r;
+}
+
+// Counting sort of the row lists into chunk lists (rows stay ascending within a chunk).
+ChunkRouting route_chunks(const RowRouting& rr, int64_t C) {
+  const int64_t B = static_cast<int64_t>(rr.offsets.size()) - 1;
+  ChunkRouting cr;
+  cr.offsets.assign(C + 1, 0);
+  for (int64_t c : rr.chunks) ++cr.offsets[c + 1];
+  for (int64_t c = 0; c < C; ++c) {
+    cr.max_rows = std::max(cr.max_rows, cr.offsets[c + 1]);
+    cr.offsets[c + 1] += cr.offsets[c];
+  }
+  cr.rows.resize(rr.chunks.size());
+  cr.gate.resize(rr.chunks.size());
+  std::vector<int64_t> fill(cr.offsets.begin(), cr.offsets.end() - 1);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
+      const int64_t q = fill[rr.chunks[p]]++;
+      cr.rows[q] = b;
+      cr.gate[q] = rr.gate[p];
+    }
+  }
+  return cr;
+}
+
+// ---------------------------------------------------------------------------------------
+// Small vector kernels. Written lane-wise so that the compiler vectorises them without
+// reassociating a single accumulator; each is compiled twice (AVX-512 and baseline) and
+// picked at run time.
+
+#define SG_ALWAYS_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SG_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
+#define SG_HAVE_MULTIVERSION 1
+#else
+#define SG_AVX512
+#define SG_HAVE_MULTIVERSION 0
+#endif
+
+bool cpu_has_avx512() {
+#if SG_HAVE_MULTIVERSION
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
+
+constexpr int kLanes = 16;
+
+// Four dot products sharing `a`: out[u] = <a, w[u]> over K elements.
+template <typename T>
+SG_ALWAYS_INLINE void dot4(const T* a, const T* w0, const T* w1, const T* w2, const T* w3,
+                           int64_t K, T* out) {
+  T s0[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {}, s3[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const T av = a[k + l];
+      s0[l] += av * w0[k + l];
+      s1[l] += av * w1[k + l];
+      s2[l] += av * w2[k + l];
+      s3[l] += av * w3[k + l];
+    }
+  }
+  T r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    r0 += s0[l];
+    r1 += s1[l];
+    r2 += s2[l];
+    r3 += s3[l];
+  }
+  for (; k < K; ++k) {
+    r0 += a[k] * w0[k];
+    r1 += a[k] * w1[k];
+    r2 += a[k] * w2[k];
+    r3 += a[k] * w3[k];
+  }
+  out[0] = r0;
+  out[1] = r1;
+  out[2] = r2;
+  out[3] = r3;
+}
+
+template <typename T>
+SG_ALWAYS_INLINE T dot1(const T* a, const T* w, int64_t K) {
+  T s[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) s[l] += a[k + l] * w[k + l];
+  }
+  T r = 0;
+  for (int l = 0; l < kLanes; ++l) r += s[l];
+  for (; k < K; ++k) r += a[k] * w[k];
+  return r;
+}
+
+// Sampled dense-dense product over the active units of rows [b0, b1) and units [n0, n1):
+// out(b, n, <a[b], w[n]>) for each active unit n of row b. `cursor[b]` walks row b's
+// ascending active chunk list across unit blocks.
+template <typename T, typename Out>
+SG_ALWAYS_INLINE void sddmm_block(const T* a, const T* w, int64_t K, int64_t chunk,
+                                  const RowRouting& rr, std::vector<int64_t>& cursor, int64_t b0,
+                                  int64_t b1, int64_t n0, int64_t n1, const Out& out) {
+  int64_t units[4];
+  int64_t pairs[4];
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* ab = a + b * K;
+    int64_t& p = cursor[b - b0];
+    const int64_t pend = rr.offsets[b + 1];
+    int q = 0;
+    auto flush = [&](int cnt) {
+      T d[4];
+      if (cnt == 4) {
+        dot4(ab, w + units[0] * K, w + units[1] * K, w + units[2] * K, w + units[3] * K, K, d);
+      } else {
+        for (int i = 0; i < cnt; ++i) d[i] = dot1(ab, w + units[i] * K, K);
+      }
+      for (int i = 0; i < cnt; ++i) out(b, units[i], pairs[i], d[i]);
+    };
+    for (; p < pend; ++p) {
+      const int64_t c = rr.chunks[p];
+      const int64_t u0 = std::max(c * chunk, n0), u1 = std::min((c + 1) * chunk, n1);
+      if (c * chunk >= n1) break;
+      for (int64_t n = u0; n < u1; ++n) {
+        units[q] = n;
+        pairs[q] = p;
+        if (++q == 4) {
+          flush(4);
+          q = 0;
+        }
+      }
+      if ((c + 1) * chunk > n1) break;  // the chunk continues in the next unit block
+    }
+    if (q) flush(q);
+  }
+}
+
+// out[b, k-block] = init + sum over active units n of row b of coef(p, n) * w[n, k-block],
+// rows [b0, b1), the whole of K.
+template <typename T, typename Coef>
+SG_ALWAYS_INLINE void spmm_rows(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
+                                int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t kb = std::min(kKBlock, K - k0);
+    for (int64_t b = b0; b < b1; ++b) {
+      T acc[kKBlock];
+      if (init) {
+        for (int64_t k = 0; k < kb; ++k) acc[k] = init[k0 + k];
+      } else {
+        for (int64_t k = 0; k < kb; ++k) acc[k] = 0;
+      }
+      for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
+        const int64_t c = rr.chunks[p];
+        for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
+          const T s = coef(b, p, n);
+          const T* wn = w + n * K + k0;
+          if (kb == kKBlock) {
+            for (int64_t k = 0; k < kKBlock; ++k) acc[k] += s * wn[k];
+          } else {
+            for (int64_t k = 0; k < kb; ++k) acc[k] += s * wn[k];
+          }
+        }
+      }
+      std::memcpy(out + b * K + k0, acc, kb * sizeof(T));
+    }
+  }
+}
+
+// out[n, k-block] = sum over the active rows b of n's chunk of coef(q, n) * a[b, k-block],
+// units [n0, n1) (whole chunks), for K blocks [k0, k1).
+template <typename T, typename Coef>
+SG_ALWAYS_INLINE void spmm_units(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
+                                 int64_t c0, int64_t c1, T* out, const Coef& coef) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t kb = std::min(kKBlock, K - k0);
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
+        T acc[kKBlock];
+        for (int64_t k = 0; k < kb; ++k) acc[k] = 0;
+        for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
+          const T s = coef(q, n);
+          const T* ab = a + cr.rows[q] * K + k0;
+          if (kb == kKBlock) {
+            for (int64_t k = 0; k < kKBlock; ++k) acc[k] += s * ab[k];
+          } else {
+            for (int64_t k = 0; k < kb; ++k) acc[k] += s * ab[k];
+          }
+        }
+        std::memcpy(out + n * K + k0, acc, kb * sizeof(T));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Row-kernel drivers (chunk < kGemmMinChunk). T is float or double.
+
+// Calls out(b, n, pair, <a[b], w[n]>) for every active unit of rows [b0, b1); unit blocks
+// sized for L2. (Lambdas do not inherit a target attribute, so the per-thread bodies are
+// target functions of their own, called from the parallel_for lambdas.)
+template <typename T, typename Out>
+SG_ALWAYS_INLINE void sddmm_range(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
+                                  const RowRouting& rr, int64_t b0, int64_t b1, const Out& out) {
+  const int64_t nb =
+      std::max<int64_t>(chunk, (kL2Bytes / (K * (int64_t)sizeof(T))) / chunk * chunk);
+  std::vector<int64_t> cursor(b1 - b0);
+  for (int64_t b = b0; b < b1; ++b) cursor[b - b0] = rr.offsets[b];
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    sddmm_block(a, w, K, chunk, rr, cursor, b0, b1, n0, std::min(N, n0 + nb), out);
+  }
+}
+
+template <typename T, typename Out>
+SG_AVX512 void sddmm_range_avx512(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
+                                  const RowRouting& rr, int64_t b0, int64_t b1, const Out& out) {
+  sddmm_range(a, w, N, K, chunk, rr, b0, b1, out);
+}
+
+template <typename T, typename Out>
+void sddmm_range_base(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
+                      const RowRouting& rr, int64_t b0, int64_t b1, const Out& out) {
+  sddmm_range(a, w, N, K, chunk, rr, b0, b1, out);
+}
+
+// Sampled dense-dense product: out(b, n, pair, <a[b], w[n]>) for every active unit n of every
+// row b; a (B, K), w (N, K). Rows are split across threads.
+template <typename T, typename Out>
+void sddmm(const T* a, const T* w, int64_t B, int64_t N, int64_t K, int64_t chunk,
+           const RowRouting& rr, const Out& out) {
+  const bool avx512 = cpu_has_avx512();
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    if (avx512) {
+      sddmm_range_avx512(a, w, N, K, chunk, rr, b0, b1, out);
+    } else {
+      sddmm_range_base(a, w, N, K, chunk, rr, b0, b1, out);
+    }
+  });
+}
+
+template <typename T, typename Coef>
+SG_AVX512 void spmm_rows_avx512(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
+                                int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef) {
+  spmm_rows(w, K, chunk, rr, b0, b1, init, out, coef);
+}
+
+template <typename T, typename Coef>
+void spmm_rows_base(const T* w, int64_t K, int64_t chunk, const RowRouting& rr, int64_t b0,
+                    int64_t b1, const T* init, T* out, const Coef& coef) {
+  spmm_rows(w, K, chunk, rr, b0, b1, init, out, coef);
+}
+
+// out (B, K) = init + sum over active units n of coef * w[n] (w is (N, K)).
+template <typename T, typename Coef>
+void spmm_rows_all(const T* w, int64_t B, int64_t K, int64_t chunk, const RowRouting& rr,
+                   const T* init, T* out, const Coef& coef) {
+  const bool avx512 = cpu_has_avx512();
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    if (avx512) {
+      spmm_rows_avx512(w, K, chunk, rr, b0, b1, init, out, coef);
+    } else {
+      spmm_rows_base(w, K, chunk, rr, b0, b1, init, out, coef);
+    }
+  });
+}
+
+template <typename T, typename Coef>
+SG_AVX512 void spmm_units_avx512(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
+                                 int64_t c0, int64_t c1, T* out, const Coef& coef) {
+  spmm_units(a, K, chunk, cr, c0, c1, out, coef);
+}
+
+template <typename T, typename Coef>
+void spmm_units_base(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr, int64_t c0,
+                     int64_t c1, T* out, const Coef& coef) {
+  spmm_units(a, K, chunk, cr, c0, c1, out, coef);
+}
+
+// out (N, K): out[n] = sum over the active rows of n's chunk of coef * a[b] (a is (B, K)).
+template <typename T, typename Coef>
+void spmm_units_all(const T* a, int64_t C, int64_t K, int64_t chunk, const ChunkRouting& cr,
+                    T* out, const Coef& coef) {
+  const bool avx512 = cpu_has_avx512();
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    if (avx512) {
+      spmm_units_avx512(a, K, chunk, cr, c0, c1, out, coef);
+    } else {
+      spmm_units_base(a, K, chunk, cr, c0, c1, out, coef);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// GEMM-route helpers (chunk >= kGemmMinChunk). T is float or double; tensors are contiguous.
+
+// Copies rows `rows[0..n)` of src (R, K) into dst (n, K).
+template <typename T>
+void gather_rows(const T* src, int64_t K, const int64_t* rows, int64_t n, T* dst) {
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * K, src + rows[i] * K, K * sizeof(T));
+}
+
+// Packs the active pairs' chunk slices of s (B, N): out[q, j] = mult(q) * s[rows[q], c*chunk + j].
+template <typename T>
+at::Tensor pack_pairs(const at::Tensor& s, const ChunkRouting& cr, int64_t chunk, bool scale) {
+  const int64_t C = static_cast<int64_t>(cr.offsets.size()) - 1;
+  const int64_t N = s.size(1);
+  auto out = at::empty({static_cast<int64_t>(cr.rows.size()), chunk}, s.options());
+  const T* ps = s.const_data_ptr<T>();
+  T* po = out.mutable_data_ptr<T>();
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
+        const T* src = ps + cr.rows[q] * N + c * chunk;
+        T* dst = po + q * chunk;
+        const T g = scale ? static_cast<T>(cr.gate[q]) : T(1);
+        for (int64_t j = 0; j < chunk; ++j) dst[j] = g * src[j];
+      }
+    }
+  });
+  return out;
+}
+
+// out (B, P) = init + sum over chunks c of rows_c <- A_c (n_c, chunk) @ bop(c) (chunk, P),
+// parallel over column slices of out so that threads never add into the same element and the
+// per-element order of the sum is fixed (deterministic).
+template <typename T, typename BOp>
+void scatter_add_gemm(const at::Tensor& packed, const ChunkRouting& cr, int64_t B, int64_t P,
+                      const T* init, at::Tensor& out, const BOp& bop) {
+  const int64_t C = static_cast<int64_t>(cr.offsets.size()) - 1;
+  T* po = out.mutable_data_ptr<T>();
+  const int64_t threads = at::get_num_threads();
+  const int64_t grain = std::max<int64_t>(64, (P + threads - 1) / threads);
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    const int64_t ps = p1 - p0;
+    for (int64_t b = 0; b < B; ++b) {
+      T* row = po + b * P + p0;
+      if (init) {
+        std::memcpy(row, init + p0, ps * sizeof(T));
+      } else {
+        std::fill(row, row + ps, T(0));
+      }
+    }
+    auto buf = at::empty({std::max<int64_t>(cr.max_rows, 1), ps}, out.options());
+    T* pb = buf.mutable_data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t off = cr.offsets[c], n = cr.offsets[c + 1] - off;
+      if (n == 0) continue;
+      auto dst = buf.narrow(0, 0, n);
+      at::mm_out(dst, packed.narrow(0, off, n), bop(c).narrow(1, p0, ps));
+      for (int64_t i = 0; i < n; ++i) {
+        T* row = po + cr.rows[off + i] * P + p0;
+        const T* src = pb + i * ps;
+        for (int64_t j = 0; j < ps; ++j) row[j] += src[j];
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Input checks (once, at the op boundary).
+
+void check_gated_inputs(const char* op, const at::Tensor& a, const char* a_name,
+                        const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        const at::Tensor& gates, bool gate_output_units) {
+  check_floating(a, op, a_name);
+  check_floating(weight, op, "weight");
+  check_floating(gates, op, "gates");
+  TORCH_CHECK(a.dim() == 2, op, ": ", a_name, " must be 2-D (B, features), got shape ", a.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D, got shape ", weight.sizes());
+  TORCH_CHECK(gates.dim() == 2, op, ": gates must be 2-D (B, C), got shape ", gates.sizes());
+  TORCH_CHECK(weight.size(1) == a.size(1), op, ": weight ", weight.sizes(), " does not match ",
+              a_name, " ", a.sizes(), " (weight.shape[1] must equal ", a_name, ".shape[1])");
+  TORCH_CHECK(gates.size(0) == a.size(0), op, ": gates ", gates.sizes(), " must have ",
+              a.size(0), " rows to match ", a_name, " ", a.sizes());
+  const int64_t units = gate_output_units ? weight.size(0) : weight.size(1);
+  const int64_t C = gates.size(1);
+  TORCH_CHECK(C >= 1 && units % C == 0, op, ": the ", units, " gated ",
+              gate_output_units ? "output" : "input", " units (weight ", weight.sizes(),
+              ") must split into gates.shape[1] = ", C, " equal chunks");
+  check_same_dtype(a, weight, op, a_name, "weight");
+  check_same_device(a, weight, op, a_name, "weight");
+  check_same_device(a, gates, op, a_name, "gates");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
+                weight.size(0), ",) to match weight ", weight.sizes(), ", got ", bias->sizes());
+    check_same_dtype(a, *bias, op, a_name, "bias");
+    check_same_device(a, *bias, op, a_name, "bias");
+  }
+}
+
+// Kernels run in float32 for float16/bfloat16 inputs, else in the input's dtype.
+at::ScalarType compute_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+at::Tensor to_compute(const at::Tensor& t) {
+  return t.to(compute_type(t.scalar_type())).contiguous();
+}
+
+at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+#define SG_DISPATCH_COMPUTE(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__))
+
+// ---------------------------------------------------------------------------------------
+// gated_linear
+
+at::Tensor gated_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+                            const c10::optional<at::Tensor>& bias_in, const at::Tensor& gates,
+                            bool /*full_gate_grad: autograd only*/) {
+  const char* op = "stochgate::gated_linear";
+  check_gated_inputs(op, x_in, "x", w_in, bias_in, gates, /*gate_output_units=*/true);
+  const int64_t B = x_in.size(0), K = x_in.size(1), N = w_in.size(0), C = gates.size(1);
+  const int64_t chunk = N / C;
+  auto x = to_compute(x_in);
+  auto w = to_compute(w_in);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = to_compute(*bias_in);
+  auto y = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return y.to(x_in.scalar_type());
+  const RowRouting rr = route_rows(gates);
+
+  SG_DISPATCH_COMPUTE(x.scalar_type(), "gated_linear_cpu", [&] {
+    using T = scalar_t;
+    const T* px = x.const_data_ptr<T>();
+    const T* pw = w.const_data_ptr<T>();
+    const T* pb = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+    T* py = y.mutable_data_ptr<T>();
+    if (chunk < kGemmMinChunk) {
+      // Gated-off chunks are never computed: zero them, then fill the active units.
+      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+        std::fill(py + b0 * N, py + b1 * N, T(0));
+      });
+      sddmm(px, pw, B, N, K, chunk, rr, [&](int64_t b, int64_t n, int64_t p, T d) {
+        py[b * N + n] = static_cast<T>(rr.gate[p]) * (pb ? d + pb[n] : d);
+      });
+      return;
+    }
+    const ChunkRouting cr = route_chunks(rr, C);
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      auto xg = at::empty({std::max<int64_t>(cr.max_rows, 1), K}, x.options());
+      auto pg = at::empty({std::max<int64_t>(cr.max_rows, 1), chunk}, x.options());
+      T* pxg = xg.mutable_data_ptr<T>();
+      const T* ppg = pg.const_data_ptr<T>();
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t off = cr.offsets[c], n = cr.offsets[c + 1] - off;
+        const int64_t* rows = cr.rows.data() + off;
+        if (n > 0) {
+          auto dst = pg.narrow(0, 0, n);
+          auto wc = w.narrow(0, c * chunk, chunk).t();
+          if (n == B) {
+            at::mm_out(dst, x, wc);  // every row active: no gather
+          } else {
+            gather_rows(px, K, rows, n, pxg);
+            at::mm_out(dst, xg.narrow(0, 0, n), wc);
+          }
+        }
+        const T* bc = pb ? pb + c * chunk : nullptr;
+        int64_t i = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          T* yb = py + b * N + c * chunk;
+          if (i < n && rows[i] == b) {
+            const T g = static_cast<T>(cr.gate[off + i]);
+            const T* src = ppg + i * chunk;
+            if (bc) {
+              for (int64_t j = 0; j < chunk; ++j) yb[j] = g * (src[j] + bc[j]);
+            } else {
+              for (int64_t j = 0; j < chunk; ++j) yb[j] = g * src[j];
+            }
+            ++i;
+          } else {
+            std::fill(yb, yb + chunk, T(0));
+          }
+        }
+      }
+    });
+  });
+  return y.scalar_type() == x_in.scalar_type() ? y : y.to(x_in.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& w_in,
+    const c10::optional<at::Tensor>& bias_in, const at::Tensor& gates,
+    std::array<bool, 4> output_mask, bool full_gate_grad) {
+  const char* op = "stochgate::gated_linear_backward";
+  check_gated_inputs(op, x_in, "x", w_in, bias_in, gates, /*gate_output_units=*/true);
+  const int64_t B = x_in.size(0), K = x_in.size(1), N = w_in.size(0), C = gates.size(1);
+  const int64_t chunk = N / C;
+  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == B && grad_y_in.size(1) == N, op,
+              ": grad_y must have shape (", B, ", ", N, "), got ", grad_y_in.sizes());
+  check_same_dtype(grad_y_in, x_in, op, "grad_y", "x");
+  check_same_device(grad_y_in, x_in, op, "grad_y", "x");
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  const bool need_dx = output_mask[0], need_dw = output_mask[1];
+  const bool need_db = output_mask[2] && has_bias, need_dg = output_mask[3];
+
+  auto x = to_compute(x_in);
+  auto w = to_compute(w_in);
+  auto dy = to_compute(grad_y_in);
+  at::Tensor bias;
+  if (has_bias) bias = to_compute(*bias_in);
+
+  at::Tensor dx = need_dx ? at::empty({B, K}, x.options()) : empty0(x_in);
+  at::Tensor dw = need_dw ? at::empty({N, K}, x.options()) : empty0(x_in);
+  at::Tensor db = need_db ? at::zeros({N}, x.options()) : empty0(x_in);
+  at::Tensor dg = need_dg ? at::zeros({B, C}, gates.options())
+                          : empty0(gates);
+  if (need_dw && B == 0) dw.zero_();
+  if (need_dg && full_gate_grad && B > 0) {
+    // Exact gate gradient for every pair: needs the skipped products (one dense GEMM).
+    auto pre = bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
+    dg.copy_((dy * pre).view({B, C, chunk}).sum(-1));
+  }
+  const bool need_active_dg = need_dg && !full_gate_grad;
+  if (B == 0 || N == 0 || !(need_dx || need_dw || need_db || need_active_dg)) {
+    if (need_dx) dx.zero_();
+    if (need_dw) dw.zero_();
+    auto cast = [&](const at::Tensor& t) {
+      return t.numel() && t.scalar_type() != x_in.scalar_type() ? t.to(x_in.scalar_type()) : t;
+    };
+    return {cast(dx), cast(dw), cast(db), dg};
+  }
+  const RowRouting rr = route_rows(gates);
+  const ChunkRouting cr = route_chunks(rr, C);
+  // Active dgates computed in the compute dtype, copied into gates' dtype at the end.
+  std::vector<double> dg_active(need_active_dg ? rr.chunks.size() : 0, 0.0);
+
+  SG_DISPATCH_COMPUTE(x.scalar_type(), "gated_linear_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* px = x.const_data_ptr<T>();
+    const T* pw = w.const_data_ptr<T>();
+    const T* pdy = dy.const_data_ptr<T>();
+    const T* pbias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+    // dpre of the active pairs, packed by chunk: dp[q, j] = gate * dy[row, c*chunk + j].
+    auto dp = pack_pairs<T>(dy, cr, chunk, /*scale=*/true);
+    const T* pdp = dp.const_data_ptr<T>();
+    if (need_db) {
+      T* pdb = db.mutable_data_ptr<T>();
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          T* d = pdb + c * chunk;
+          for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
+            for (int64_t j = 0; j < chunk; ++j) d[j] += pdp[q * chunk + j];
+          }
+        }
+      });
+    }
+    if (chunk < kGemmMinChunk) {
+      // Row-wise sparse kernels. q-index of pair p (row order) -> chunk order is not needed:
+      // dx and active dgates walk rows, dw walks chunks.
+      if (need_dx) {
+        spmm_rows_all<T>(pw, B, K, chunk, rr, nullptr, dx.mutable_data_ptr<T>(),
+                         [&](int64_t b, int64_t p, int64_t n) {
+                           return static_cast<T>(rr.gate[p]) * pdy[b * N + n];
+                         });
+      }
+      if (need_dw) {
+        spmm_units_all<T>(px, C, K, chunk, cr, dw.mutable_data_ptr<T>(),
+                          [&](int64_t q, int64_t n) { return pdp[q * chunk + n % chunk]; });
+      }
+      if (need_active_dg) {
+        // dgates[b, c] = sum over the chunk's units of dy * pre; units of one pair may be
+        // visited in different unit blocks but always by the same thread (rows are split).
+        sddmm(px, pw, B, N, K, chunk, rr, [&](int64_t b, int64_t n, int64_t p, T d) {
+          dg_active[p] += static_cast<double>(pdy[b * N + n] * (pbias ? d + pbias[n] : d));
+        });
+      }
+      return;
+    }
+    if (need_dx) {
+      scatter_add_gemm<T>(dp, cr, B, K, nullptr, dx,
+                          [&](int64_t c) { return w.narrow(0, c * chunk, chunk); });
+    }
+    if (need_dw || need_active_dg) {
+      // Map chunk-ordered pairs back to row-ordered pair indices for dg_active.
+      std::vector<int64_t> pair_of;
+      if (need_active_dg) {
+        pair_of.resize(cr.rows.size());
+        std::vector<int64_t> cursor(rr.offsets.begin(), rr.offsets.end() - 1);
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) pair_of[q] = cursor[cr.rows[q]]++;
+        }
+      }
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        auto xg = at::empty({std::max<int64_t>(cr.max_rows, 1), K}, x.options());
+        auto pg = at::empty({std::max<int64_t>(cr.max_rows, 1), chunk}, x.options());
+        T* pxg = xg.mutable_data_ptr<T>();
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t off = cr.offsets[c], n = cr.offsets[c + 1] - off;
+          if (n == 0) {
+            if (need_dw) dw.narrow(0, c * chunk, chunk).zero_();
+            continue;
+          }
+          at::Tensor xs;
+          if (n == B) {
+            xs = x;
+          } else {
+            gather_rows(px, K, cr.rows.data() + off, n, pxg);
+            xs = xg.narrow(0, 0, n);
+          }
+          if (need_dw) {
+            auto dwc = dw.narrow(0, c * chunk, chunk);
+            at::mm_out(dwc, dp.narrow(0, off, n).t(), xs);
+          }
+          if (need_active_dg) {
+            auto dst = pg.narrow(0, 0, n);
+            at::mm_out(dst, xs, w.narrow(0, c * chunk, chunk).t());
+            const T* ppg = pg.const_data_ptr<T>();
+            for (int64_t i = 0; i < n; ++i) {
+              const T* gy = pdy + cr.rows[off + i] * N + c * chunk;
+              T s = 0;
+              for (int64_t j = 0; j < chunk; ++j) {
+                s += gy[j] * (pbias ? ppg[i * chunk + j] + pbias[c * chunk + j] : ppg[i * chunk + j]);
+              }
+              dg_active[pair_of[off + i]] = static_cast<double>(s);
+            }
+          }
+        }
+      });
+    }
+  });
+  if (need_active_dg) {
+    auto vals = at::empty({static_cast<int64_t>(dg_active.size())}, at::kDouble);
+    std::memcpy(vals.mutable_data_ptr<double>(), dg_active.data(), dg_active.size() * sizeof(double));
+    auto idx = at::empty({static_cast<int64_t>(rr.chunks.size())}, at::kLong);
+    int64_t* pi = idx.mutable_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) pi[p] = b * C + rr.chunks[p];
+    }
+    dg.view({-1}).index_put_({idx}, vals.to(dg.scalar_type()));
+  }
+  auto cast = [&](const at::Tensor& t) {
+    return t.numel() && t.scalar_type() != x_in.scalar_type() ? t.to(x_in.scalar_type()) : t;
+  };
+  return {cast(dx), cast(dw), cast(db), dg};
+}
+
+// ---------------------------------------------------------------------------------------
+// gated_input_linear
+
+at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in,
+                                  const c10::optional<at::Tensor>& bias_in,
+                                  const at::Tensor& gates) {
+  const char* op = "stochgate::gated_input_linear";
+  check_gated_inputs(op, h_in, "h", w_in, bias_in, gates, /*gate_output_units=*/false);
+  const int64_t B = h_in.size(0), N = h_in.size(1), M = w_in.size(0), C = gates.size(1);
+  const int64_t chunk = N / C;
+  auto h = to_compute(h_in);
+  auto w = to_compute(w_in);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = to_compute(*bias_in);
+  auto y = at::empty({B, M}, h.options());
+  if (B == 0 || M == 0) return y.to(h_in.scalar_type());
+  if (N == 0) {
+    if (bias.defined()) y.copy_(bias.expand({B, M})); else y.zero_();
+    return y.to(h_in.scalar_type());
+  }
+  const RowRouting rr = route_rows(gates);
+
+  SG_DISPATCH_COMPUTE(h.scalar_type(), "gated_input_linear_cpu", [&] {
+    using T = scalar_t;
+    const T* ph = h.const_data_ptr<T>();
+    const T* pb = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+    if (chunk < kGemmMinChunk) {
+      // y[b] = bias + sum over active units n of h[b, n] * weight[:, n]: rows of weight.T.
+      auto wt = w.t().contiguous();
+      spmm_rows_all<T>(wt.const_data_ptr<T>(), B, M, chunk, rr, pb, y.mutable_data_ptr<T>(),
+                       [&](int64_t b, int64_t, int64_t n) { return ph[b * N + n]; });
+      return;
+    }
+    const ChunkRouting cr = route_chunks(rr, C);
+    auto hp = pack_pairs<T>(h, cr, chunk, /*scale=*/false);
+    scatter_add_gemm<T>(hp, cr, B, M, pb, y,
+                        [&](int64_t c) { return w.narrow(1, c * chunk, chunk).t(); });
+  });
+  return y.scalar_type() == h_in.scalar_type() ? y : y.to(h_in.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& h_in, const at::Tensor& w_in,
+    const at::Tensor& gates, std::array<bool, 3> output_mask) {
+  const char* op = "stochgate::gated_input_linear_backward";
+  check_gated_inputs(op, h_in, "h", w_in, c10::nullopt, gates, /*gate_output_units=*/false);
+  const int64_t B = h_in.size(0), N = h_in.size(1), M = w_in.size(0), C = gates.size(1);
+  const int64_t chunk = N / C;
+  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == B && grad_y_in.size(1) == M, op,
+              ": grad_y must have shape (", B, ", ", M, "), got ", grad_y_in.sizes());
+  check_same_dtype(grad_y_in, h_in, op, "grad_y", "h");
+  check_same_device(grad_y_in, h_in, op, "grad_y", "h");
+  const bool need_dh = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  auto h = to_compute(h_in);
+  auto w = to_compute(w_in);
+  auto dy = to_compute(grad_y_in);
+  at::Tensor dh = need_dh ? at::empty({B, N}, h.options()) : empty0(h_in);
+  at::Tensor dw = need_dw ? at::empty({M, N}, h.options()) : empty0(h_in);
+  // The bias is added to every row whatever the gates: its gradient is dense.
+  at::Tensor db = need_db ? dy.sum(0) : empty0(h_in);
+  auto cast = [&](const at::Tensor& t) {
+    return t.numel() && t.scalar_type() != h_in.scalar_type() ? t.to(h_in.scalar_type()) : t;
+  };
+  if (B == 0 || N == 0 || M == 0 || !(need_dh || need_dw)) {
+    if (need_dh) dh.zero_();
+    if (need_dw) dw.zero_();
+    return {cast(dh), cast(dw), cast(db)};
+  }
+  const RowRouting rr = route_rows(gates);
+  const ChunkRouting cr = route_chunks(rr, C);
+
+  SG_DISPATCH_COMPUTE(h.scalar_type(), "gated_input_linear_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* ph = h.const_data_ptr<T>();
+    const T* pdy = dy.const_data_ptr<T>();
+    if (chunk < kGemmMinChunk) {
+      auto wt = w.t().contiguous();  // (N, M): unit n's weights contiguous
+      if (need_dh) {
+        T* pdh = dh.mutable_data_ptr<T>();
+        at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+          std::fill(pdh + b0 * N, pdh + b1 * N, T(0));
+        });
+        sddmm(pdy, wt.const_data_ptr<T>(), B, N, M, chunk, rr,
+              [&](int64_t b, int64_t n, int64_t, T d) { pdh[b * N + n] = d; });
+      }
+      if (need_dw) {
+        auto dwt = at::empty({N, M}, h.options());
+        spmm_units_all<T>(pdy, C, M, chunk, cr, dwt.mutable_data_ptr<T>(), [&](int64_t q, int64_t n) {
+          return ph[cr.rows[q] * N + n];
+        });
+        dw.copy_(dwt.t());
+      }
+      return;
+    }
+    auto hp = pack_pairs<T>(h, cr, chunk, /*scale=*/false);
+    T* pdh = need_dh ? dh.mutable_data_ptr<T>() : nullptr;
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      auto gg = at::empty({std::max<int64_t>(cr.max_rows, 1), M}, h.options());
+      auto pg = at::empty({std::max<int64_t>(cr.max_rows, 1), chunk}, h.options());
+      T* pgg = gg.mutable_data_ptr<T>();
+      const T* ppg = pg.const_data_ptr<T>();
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t off = cr.offsets[c], n = cr.offsets[c + 1] - off;
+        const int64_t* rows = cr.rows.data() + off;
+        at::Tensor gs;
+        if (n == B) {
+          gs = dy;
+        } else if (n > 0) {
+          gather_rows(pdy, M, rows, n, pgg);
+          gs = gg.narrow(0, 0, n);
+        }
+        if (need_dw) {
+          auto dwc = dw.narrow(1, c * chunk, chunk);
+          if (n == 0) {
+            dwc.zero_();
+          } else {
+            at::mm_out(dwc, gs.t(), hp.narrow(0, off, n));
+          }
+        }
+        if (need_dh) {
+          if (n > 0) {
+            auto dst = pg.narrow(0, 0, n);
+            at::mm_out(dst, gs, w.narrow(1, c * chunk, chunk));
+          }
+          int64_t i = 0;
+          for (int64_t b = 0; b < B; ++b) {
+            T* d = pdh + b * N + c * chunk;
+            if (i < n && rows[i] == b) {
+              std::memcpy(d, ppg + i * chunk, chunk * sizeof(T));
+              ++i;
+            } else {
+              std::fill(d, d + chunk, T(0));
+            }
+          }
+        }
+      }
+    });
+  });
+  return {cast(dh), cast(dw), cast(db)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stochgate, CPU, m) {
+  m.impl("gated_linear", &gated_linear_cpu);
+  m.impl("gated_linear_backward", &gated_linear_backward_cpu);
+  m.impl("gated_input_linear", &gated_input_linear_cpu);
+  m.impl("gated_input_linear_backward", &gated_input_linear_backward_cpu);
+}
+
+}  // namespace stochgate

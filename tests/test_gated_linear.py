@@ -1,0 +1,290 @@
+"""stochgate.gated_linear / gated_input_linear against the dense masked formulas of
+stochgate.reference: forward, every gradient, dtypes, edge cases, opcheck, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stochgate
+from stochgate import reference as R
+
+CUDA = pytest.mark.cuda
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[CUDA, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    ),
+]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (B, K, N, C): odd K and N, chunk = 1, chunk = N, chunks on both kernel routes (< 16, >= 16).
+SHAPES = [(7, 13, 15, 15), (5, 9, 21, 1), (33, 31, 48, 16), (17, 40, 96, 3), (9, 70, 38, 2)]
+
+
+def _gates(B, C, density, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    on = torch.rand(B, C, generator=g) < density
+    return ((0.5 + torch.rand(B, C, generator=g)) * on).to(device=device, dtype=dtype)
+
+
+def _data(B, K, N, C, device, dtype, density=0.4, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
+    b = torch.randn(N, generator=g).to(device, dtype) if bias else None
+    return x, w, b, _gates(B, C, density, device, seed=seed + 1)
+
+
+def _run(fn, args, dy, grads=(True, True, True, True), **kw):
+    args = [
+        None if a is None else a.detach().clone().requires_grad_(bool(r) and a.is_floating_point())
+        for a, r in zip(args, grads)
+    ]
+    y = fn(*args, **kw)
+    y.backward(dy)
+    return [y.detach()] + [None if a is None else a.grad for a in args]
+
+
+def _check_close(out, ref64, ref_lowp, dtype, what):
+    """The op's error against float64 must be at most a small multiple of PyTorch's own error
+    in that dtype (the reference run in `dtype`), plus eps."""
+    eps = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for name, o, r, l in zip(what, out, ref64, ref_lowp):
+        if r is None:
+            assert o is None or not o.abs().any(), name
+            continue
+        assert o.dtype == l.dtype, name
+        err = (o.double() - r.double()).abs().max().item() if r.numel() else 0.0
+        ref_err = (l.double() - r.double()).abs().max().item() if r.numel() else 0.0
+        scale = r.double().abs().max().item() if r.numel() else 0.0
+        assert err <= 4 * ref_err + eps * (1 + scale), f"{name}: err {err} vs PyTorch's {ref_err}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gate_grad", ["full", "active"])
+def test_gated_linear_matches_reference(device, dtype, shape, gate_grad):
+    B, K, N, C = shape
+    x, w, b, g = _data(B, K, N, C, device, torch.float64)
+    dy = torch.randn(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
+    low = [t.to(dtype) for t in (x, w, b)] + [g]
+    out = _run(stochgate.gated_linear, low, dy.to(dtype), gate_grad=gate_grad)
+    ref64 = _run(R.gated_linear, [x, w, b, g], dy, gate_grad=gate_grad)
+    ref_low = _run(R.gated_linear, low, dy.to(dtype), gate_grad=gate_grad)
+    _check_close(out, ref64, ref_low, dtype, ["y", "dx", "dweight", "dbias", "dgates"])
+    assert out[0].is_contiguous() and out[0].dtype == dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gated_input_linear_matches_reference(device, dtype, shape):
+    B, M, N, C = shape  # weight (M, N): gated input units N
+    h, wt, _, g = _data(B, M, N, C, device, torch.float64)
+    w = wt.t().contiguous()
+    b = torch.randn(M, dtype=torch.float64).to(device)
+    dy = torch.randn(B, M, dtype=torch.float64).to(device)
+    h = h.new_empty(B, N).normal_()
+    low = [t.to(dtype) for t in (h, w, b)]
+    out = _run(stochgate.gated_input_linear, low + [g], dy.to(dtype), grads=(1, 1, 1, 0))
+    ref64 = _run(R.gated_input_linear, [h, w, b, g], dy, grads=(1, 1, 1, 0))
+    ref_low = _run(R.gated_input_linear, low + [g], dy.to(dtype), grads=(1, 1, 1, 0))
+    _check_close(out[:4], ref64[:4], ref_low[:4], dtype, ["y", "dh", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 3, 16])
+def test_gradcheck_float64(device, C):
+    B, K, N = 6, 5, 16 if C != 3 else 12
+    x, w, b, g = _data(B, K, N, C, device, torch.float64, density=0.6)
+    g = g.double()
+    args = [t.requires_grad_() for t in (x, w, b, g)]
+    assert torch.autograd.gradcheck(lambda *a: stochgate.gated_linear(*a), args)
+    assert torch.autograd.gradcheck(
+        lambda *a: stochgate.gated_linear(*a, gate_grad="active"), args[:3] + [g.detach()]
+    )
+    h = torch.randn(B, N, dtype=torch.float64, device=device, requires_grad=True)
+    w2 = torch.randn(7, N, dtype=torch.float64, device=device, requires_grad=True)
+    b2 = torch.randn(7, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: stochgate.gated_input_linear(h, w, b, g.detach()), (h, w2, b2)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_active_gate_grad_is_zero_off(device):
+    x, w, b, g = _data(9, 12, 32, 2, device, torch.float32, density=0.5)
+    g.requires_grad_()
+    stochgate.gated_linear(x, w, b, g, gate_grad="active").sum().backward()
+    assert (g.grad[g.detach() == 0] == 0).all()
+    g.grad = None
+    stochgate.gated_linear(x, w, b, g, gate_grad="full").sum().backward()
+    assert (g.grad[g.detach() == 0] != 0).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 4])
+def test_opcheck(device, C):
+    x, w, b, g = _data(6, 10, 32, C, device, torch.float32)
+    ops = torch.ops.stochgate
+    for rg in (False, True):
+        xs, ws, bs, gs = (t.clone().requires_grad_(rg) for t in (x, w, b, g))
+        torch.library.opcheck(ops.gated_linear.default, (xs, ws, bs, gs, True))
+        torch.library.opcheck(ops.gated_linear.default, (xs, ws, None, gs, False))
+        h = torch.randn(6, 32, device=device, requires_grad=rg)
+        w2 = torch.randn(5, 32, device=device, requires_grad=rg)
+        torch.library.opcheck(ops.gated_input_linear.default, (h, w2, None, g))
+    dy = torch.randn(6, 32, device=device)
+    for mask in ([True, True, True, True], [False, True, False, True], [True, False, False, False]):
+        torch.library.opcheck(ops.gated_linear_backward.default, (dy, x, w, b, g, mask, False))
+    torch.library.opcheck(
+        ops.gated_input_linear_backward.default,
+        (torch.randn(6, 5, device=device), torch.randn(6, 32, device=device),
+         torch.randn(5, 32, device=device), g, [True, False, True]),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    x, w, b, g = _data(8, 12, 32, 4, device, torch.float32)
+    w2 = torch.randn(6, 32, device=device)
+
+    def block(x, w, b, g, w2):
+        return stochgate.gated_input_linear(stochgate.gated_linear(x, w, b, g).relu(), w2, None, g)
+
+    args = [t.clone().requires_grad_() for t in (x, w, b)] + [g, w2.clone().requires_grad_()]
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(*args)
+    out.sum().backward()
+    ref_args = [t.detach().clone().requires_grad_() for t in (x, w, b)] + [g, w2.clone().requires_grad_()]
+    ref = block(*ref_args)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(args, ref_args):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, r.grad)
+
+
+def test_compile_inductor_cpu():
+    x, w, b, g = _data(8, 12, 32, 4, "cpu", torch.float32)
+    fn = torch.compile(lambda x, w, b, g: stochgate.gated_linear(x, w, b, g) * 2, fullgraph=True)
+    torch.testing.assert_close(fn(x, w, b, g), 2 * R.gated_linear(x, w, b, g))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 2, 32])
+@pytest.mark.parametrize("fill", ["zero", "one", "empty_batch"])
+def test_edge_gates(device, C, fill):
+    B = 0 if fill == "empty_batch" else 5
+    x, w, b, _ = _data(B, 11, 32, C, device, torch.float32)
+    g = (torch.zeros if fill == "zero" else torch.ones)(B, C, device=device)
+    out = _run(stochgate.gated_linear, [x, w, b, g], torch.ones(B, 32, device=device))
+    ref = _run(R.gated_linear, [x, w, b, g], torch.ones(B, 32, device=device))
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r)
+    h = torch.randn(B, 32, device=device)
+    torch.testing.assert_close(
+        stochgate.gated_input_linear(h, w.t().contiguous(), None, g),
+        R.gated_input_linear(h, w.t().contiguous(), None, g),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [2, 32])
+def test_non_contiguous(device, C):
+    x, w, b, g = _data(10, 12, 32, C, device, torch.float32)
+    xn = torch.randn(12, 10, device=device).t()
+    wn = torch.randn(12, 32, device=device).t()
+    gn = g.t().contiguous().t()
+    torch.testing.assert_close(stochgate.gated_linear(xn, wn, b, gn), R.gated_linear(xn, wn, b, gn))
+    hn = torch.randn(32, 10, device=device).t()
+    w2 = torch.randn(32, 7, device=device).t()
+    torch.testing.assert_close(
+        stochgate.gated_input_linear(hn, w2, None, gn), R.gated_input_linear(hn, w2, None, gn)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 2, 32])
+def test_nan_in_skipped_chunks_does_not_leak(device, C):
+    N = 32
+    x, w, b, g = _data(6, 9, N, C, device, torch.float32, density=0.5)
+    off = (g == 0).repeat_interleave(N // C, dim=1)
+    w_bad = w.clone()
+    w_bad[off.any(0)] = float("nan")  # weight rows of chunks that are off somewhere
+    y = stochgate.gated_linear(x, w, b, g)
+    assert (y[off] == 0).all()
+    h = torch.randn(6, N, device=device).masked_fill(off, float("inf"))
+    y2 = stochgate.gated_input_linear(h, torch.randn(5, N, device=device), None, g)
+    assert torch.isfinite(y2).all()
+    # Fully gated-off weight rows never reach the output.
+    g_col = g.clone()
+    g_col[:, 0] = 0
+    w_nan = w.clone()
+    w_nan[: N // C] = float("nan")
+    assert torch.isfinite(stochgate.gated_linear(x, w_nan, b, g_col)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    dtype = torch.bfloat16
+    x, w, b, g = _data(8, 12, 32, 4, device, torch.float32)
+    with torch.autocast(device_type=device, dtype=dtype):
+        y = stochgate.gated_linear(x, w, b, g)
+        y2 = stochgate.gated_input_linear(x.new_ones(8, 32), w.t().contiguous(), None, g)
+    assert y.dtype == dtype and y2.dtype == dtype
+    torch.testing.assert_close(y.float(), R.gated_linear(x, w, b, g), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules(device):
+    torch.manual_seed(0)
+    lin = stochgate.nn.GatedLinear(12, 32, 4, device=device)
+    lin2 = stochgate.nn.GatedInputLinear(32, 6, 4, bias=False, device=device, dtype=torch.float64)
+    ref = torch.nn.Linear(12, 32)
+    bound = 1 / 12**0.5
+    assert lin.weight.abs().max() <= bound and lin.bias.abs().max() <= bound
+    assert lin2.bias is None and lin2.weight.dtype == torch.float64
+    assert lin.weight.shape == ref.weight.shape
+    x = torch.randn(5, 12, device=device)
+    g = _gates(5, 4, 0.5, device)
+    y = lin(x, g)
+    torch.testing.assert_close(y, R.gated_linear(x, lin.weight, lin.bias, g))
+    z = lin2(y.double(), g)
+    torch.testing.assert_close(z, R.gated_input_linear(y.double(), lin2.weight, None, g))
+    y.sum().backward()
+    assert lin.weight.grad is not None
+    with pytest.raises(ValueError, match="num_chunks"):
+        stochgate.nn.GatedLinear(12, 30, 4)
+
+
+def test_bad_inputs():
+    x, w, b, g = _data(4, 6, 8, 2, "cpu", torch.float32)
+    gl = stochgate.gated_linear
+    with pytest.raises(ValueError, match=r"weight \(8, 5\) does not match x \(4, 6\)"):
+        gl(x, w[:, :5], b, g)
+    with pytest.raises(ValueError, match="equal chunks"):
+        gl(x, w, b, torch.ones(4, 3))
+    with pytest.raises(ValueError, match="gates .* must have 4 rows"):
+        gl(x, w, b, torch.ones(3, 2))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        gl(x, w, b[:3], g)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        gl(x[0], w, b, g)
+    with pytest.raises(ValueError, match="one dtype"):
+        gl(x, w.double(), b, g)
+    with pytest.raises(ValueError, match="gates must be a floating"):
+        gl(x, w, b, torch.ones(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="gate_grad"):
+        gl(x, w, b, g, gate_grad="sparse")
+    with pytest.raises(ValueError, match="h must be 2-D"):
+        stochgate.gated_input_linear(x[0], w.t(), None, g)
+    # The op itself checks too (RuntimeError from TORCH_CHECK).
+    with pytest.raises(RuntimeError, match="equal chunks"):
+        torch.ops.stochgate.gated_linear(x, w, b, torch.ones(4, 3))
+    with pytest.raises(RuntimeError, match="grad_y must have shape"):
+        torch.ops.stochgate.gated_linear_backward(
+            torch.ones(4, 7), x, w, b, g, [True, True, True, True], True
+        )
