@@ -1,0 +1,442 @@
+// The grouped, gathered GEMM behind the CUDA gated matmuls (csrc/cuda/gated_linear.cu).
+//
+// Routing (built on the device, see gated_linear.cu) sorts the active (row, chunk) pairs by
+// chunk: group c = chunk c owns the pairs group_off[c] .. group_off[c+1]-1 ("seg" below),
+// and rows[seg + i] is the i-th active row of chunk c in increasing row order. Every GEMM of
+// the forward and backward passes is, per group c,
+//
+//     C_c[m, n] = sum_k A_c[m, k] * B_c[k, n],   m < M_c, n < N_c, k < K_c
+//
+// where each of M_c, N_c, K_c is either a fixed size or the group's pair count, and each
+// operand is a strided 2-D view of a row-major tensor:
+//
+//   * "lines" are its strided dimension (stride ld) and may be gathered through the row list
+//     (line i -> tensor row rows[seg + i]);
+//   * "positions" are its contiguous dimension;
+//   * group c starts c * group_stride elements after ptr.
+//
+//   A K-major (AK = true):  A[m, k] = ptr[line(m) * ld + k]   lines = m, positions = k
+//   A M-major (AK = false): A[m, k] = ptr[line(k) * ld + m]   lines = k, positions = m
+//   B K-major (BK = true):  B[k, n] = ptr[line(n) * ld + k]   lines = n, positions = k
+//   B N-major (BK = false): B[k, n] = ptr[line(k) * ld + n]   lines = k, positions = n
+//
+// Shared-memory tiles keep the operand's global layout (positions contiguous), so the copy
+// from global memory is a straight 16-byte cp.async per vector; tensor-core fragments are
+// then read with ldmatrix (K-major) or ldmatrix.trans (M/N-major).
+//
+// The output element (m, n) of group c goes to
+//     out[c * out_group_stride + row(m) * ldo + n]
+// with row(m) = m (kPlain), seg + m (kPair: one row per pair, a partial-sum buffer) or
+// rows[seg + m] (kGathered: scatter back to the tensor row), after adding
+// bias[c * bias_group_stride + n] and multiplying by pair_gate[seg + m] when asked.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#ifdef STOCHGATE_GATED_GEMM_IMPL
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+#endif
+
+namespace stochgate {
+namespace gated {
+
+// Accumulation type: fp32 for half, bfloat16 and float; fp64 for double.
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// A GEMM extent that is the pair count of the group rather than a fixed size.
+constexpr int64_t kFromCount = -1;
+
+enum class OutRows : int { kPlain = 0, kPair = 1, kGathered = 2 };
+
+template <typename T>
+struct GemmOperand {
+  const T* ptr = nullptr;
+  int64_t ld = 0;
+  int64_t group_stride = 0;
+  bool gather = false;  // lines index the group's row list
+  bool vec = false;     // 16-byte cp.async is legal: see vec_ok() in gated_linear.cu
+};
+
+template <typename T, typename OutT, typename AccT>
+struct GroupedGemmParams {
+  GemmOperand<T> a, b;
+  int64_t m = 0, n = 0, k = 0;  // fixed extents, or kFromCount
+  int64_t max_m = 0, max_n = 0;  // host-side upper bounds of M_c, N_c (size the grid)
+  int num_groups = 0;
+  const int* group_off = nullptr;  // (num_groups + 1,) exclusive prefix of pair counts
+  const int* rows = nullptr;       // (pairs,) row of each pair, grouped by chunk
+  const AccT* pair_gate = nullptr;  // (pairs,) gate value of each pair
+  OutT* out = nullptr;
+  int64_t ldo = 0;
+  int64_t out_group_stride = 0;
+  OutRows out_rows = OutRows::kPlain;
+  const T* bias = nullptr;  // nullable
+  int64_t bias_group_stride = 0;
+  bool scale_by_gate = false;
+};
+
+
+// Layouts used by the ops: (AK, BK) = (true, true), (true, false), (false, false), each
+// writing T; the row reductions also write acc_of<T> partials (a distinct type only for half
+// and bfloat16).
+#define STOCHGATE_GATED_GEMM_LAYOUTS(PREFIX, T, OutT)                                       \
+  PREFIX template void launch_grouped_gemm<T, OutT, true, true>(                           \
+      const GroupedGemmParams<T, OutT, acc_of<T>>&, cudaStream_t);                         \
+  PREFIX template void launch_grouped_gemm<T, OutT, true, false>(                          \
+      const GroupedGemmParams<T, OutT, acc_of<T>>&, cudaStream_t);                         \
+  PREFIX template void launch_grouped_gemm<T, OutT, false, false>(                         \
+      const GroupedGemmParams<T, OutT, acc_of<T>>&, cudaStream_t);
+
+// Launches the grouped GEMM on `stream` (grid: x = group, y = M tile, z = N tile; tiles past
+// the group's extent exit at once, so the grid is sized by max_m / max_n, known on the host,
+// never by the counts, which live on the device). Explicitly instantiated, one dtype per
+// file, in gated_linear_gemm_<dtype>.cu for the layouts the ops use.
+template <typename T, typename OutT, bool AK, bool BK>
+void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
+// Implementation (compiled only where STOCHGATE_GATED_GEMM_IMPL is defined: the per-dtype
+// files). Tensor cores (mma.sync m16n8k16, fp32 accumulation) for half and bfloat16; exact
+// SIMT FMA for float and double.
+#ifdef STOCHGATE_GATED_GEMM_IMPL
+
+namespace detail {
+
+template <typename T>
+constexpr bool kTensorCores = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// Tile shapes. Tensor cores: 128x128 output tile, 8 warps as 2 (M) x 4 (N), each warp
+// 64x32 = 4 x 4 mma tiles of 16x8; K step 32, 3-stage cp.async pipeline. SIMT: 64x64
+// tile, 16x16 threads each owning a 4x4 strided micro-tile, K step 16, 2 stages.
+template <typename T, bool TC = kTensorCores<T>>
+struct Tile;
+
+template <typename T>
+struct Tile<T, true> {
+  static constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, STAGES = 3;
+  static constexpr int PAD = 8;  // elements (16 bytes) per smem line: conflict-free ldmatrix
+};
+
+template <typename T>
+struct Tile<T, false> {
+  static constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256, STAGES = 2;
+  static constexpr int PAD = 16 / sizeof(T);  // keeps every line 16-byte aligned
+};
+
+// Shared-memory layout of one operand tile: LINES lines of LEN positions, line stride LDS.
+template <typename T, bool KMAJOR, int MN, int BK, int PAD>
+struct SmemTile {
+  static constexpr int LINES = KMAJOR ? MN : BK;
+  static constexpr int LEN = KMAJOR ? BK : MN;
+  static constexpr int LDS = LEN + PAD;
+  static constexpr int ELEMS = LINES * LDS;
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = pred ? 16 : 0;  // 0: no global read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies one operand tile (lines line0.., positions pos0..) into shared memory; out-of-range
+// elements become zeros (and are never read from global memory).
+template <typename T, typename S, int THREADS>
+__device__ __forceinline__ void load_tile(T* smem, const GemmOperand<T>& op, const T* base,
+                                          const int* gather_rows, int64_t line0,
+                                          int64_t line_ext, int64_t pos0, int64_t pos_ext) {
+  constexpr int VEC = 16 / sizeof(T);
+  static_assert(S::LEN % VEC == 0, "tile line must be a whole number of 16-byte vectors");
+  constexpr int VPL = S::LEN / VEC;
+  constexpr int TOTAL = S::LINES * VPL;
+#pragma unroll
+  for (int v = threadIdx.x; v < TOTAL; v += THREADS) {
+    const int s = v / VPL;
+    const int p = (v % VPL) * VEC;
+    const int64_t gl = line0 + s;
+    const int64_t gp = pos0 + p;
+    T* dst = smem + s * S::LDS + p;
+    const bool line_ok = gl < line_ext;
+    int64_t line = 0;
+    if (line_ok) line = op.gather ? gather_rows[gl] : gl;
+    if (op.vec) {
+      // vec: pos_ext is a multiple of VEC, so a vector is either wholly in range or not.
+      const bool ok = line_ok && gp < pos_ext;
+      const T* src = ok ? base + line * op.ld + gp : base;
+      cp_async16(dst, src, ok);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const bool ok = line_ok && gp + e < pos_ext;
+        dst[e] = ok ? base[line * op.ld + gp + e] : T(0);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+template <typename T, typename OutT, bool A_KM, bool B_KM>
+__global__ void __launch_bounds__(Tile<T>::THREADS)
+    grouped_gemm_kernel(const GroupedGemmParams<T, OutT, acc_of<T>> p) {
+  using AccT = acc_of<T>;
+  using Cfg = Tile<T>;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, THREADS = Cfg::THREADS;
+  constexpr int STAGES = Cfg::STAGES;
+  using SA = SmemTile<T, A_KM, BM, BK, Cfg::PAD>;
+  using SB = SmemTile<T, B_KM, BN, BK, Cfg::PAD>;
+
+  const int c = blockIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * BN;
+  const int64_t seg = p.group_off[c];
+  const int64_t cnt = p.group_off[c + 1] - seg;
+  const int64_t M = p.m == kFromCount ? cnt : p.m;
+  const int64_t N = p.n == kFromCount ? cnt : p.n;
+  const int64_t K = p.k == kFromCount ? cnt : p.k;
+  if (m0 >= M || n0 >= N) return;  // whole block: before any barrier
+
+  const T* a_base = p.a.ptr + c * p.a.group_stride;
+  const T* b_base = p.b.ptr + c * p.b.group_stride;
+  const int* grows = p.rows + seg;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + STAGES * SA::ELEMS;
+
+  // Stage s <- K tile kt. Lines/positions per layout as in the header comment.
+  auto load_stage = [&](int s, int64_t kt) {
+    const int64_t k0 = kt * BK;
+    if constexpr (A_KM) {
+      load_tile<T, SA, THREADS>(smem_a + s * SA::ELEMS, p.a, a_base, grows, m0, M, k0, K);
+    } else {
+      load_tile<T, SA, THREADS>(smem_a + s * SA::ELEMS, p.a, a_base, grows, k0, K, m0, M);
+    }
+    if constexpr (B_KM) {
+      load_tile<T, SB, THREADS>(smem_b + s * SB::ELEMS, p.b, b_base, grows, n0, N, k0, K);
+    } else {
+      load_tile<T, SB, THREADS>(smem_b + s * SB::ELEMS, p.b, b_base, grows, k0, K, n0, N);
+    }
+  };
+
+  const int64_t ktiles = (K + BK - 1) / BK;
+
+  // Output element (ml, nl) of this tile -> global memory.
+  auto store = [&](int ml, int nl, AccT v) {
+    const int64_t m = m0 + ml, n = n0 + nl;
+    if (m >= M || n >= N) return;
+    if (p.bias != nullptr) v += static_cast<AccT>(p.bias[c * p.bias_group_stride + n]);
+    if (p.scale_by_gate) v *= p.pair_gate[seg + m];
+    int64_t row = m;
+    if (p.out_rows == OutRows::kPair) row = seg + m;
+    if (p.out_rows == OutRows::kGathered) row = grows[m];
+    p.out[c * p.out_group_stride + row * p.ldo + n] = static_cast<OutT>(v);
+  };
+
+  // Pipeline: STAGES-1 tiles in flight; one commit group per iteration (possibly empty) so
+  // that wait_group<STAGES-2> always means "tile kt has landed".
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ktiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  if constexpr (kTensorCores<T>) {
+    constexpr int WARPS_N = 4, WM = 64, WN = 32, MI = WM / 16, NI = WN / 8;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < NI; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+    for (int64_t kt = 0; kt < ktiles; ++kt) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // tile kt visible to all; everyone is done with tile kt-1's stage
+      if (kt + STAGES - 1 < ktiles) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+      cp_async_commit();
+
+      const T* As = smem_a + (kt % STAGES) * SA::ELEMS;
+      const T* Bs = smem_b + (kt % STAGES) * SB::ELEMS;
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        // A fragment of mma.m16n8k16 = four 8x8 matrices: j = 0 (m 0-7, k 0-7),
+        // 1 (m 8-15, k 0-7), 2 (m 0-7, k 8-15), 3 (m 8-15, k 8-15); lane l gives the address
+        // of row l % 8 of matrix j = l / 8.
+        uint32_t af[MI][4];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          const int mb = wm * WM + mi * 16;
+          if constexpr (A_KM) {  // smem [m][k]: row = m, 8 contiguous k
+            ldmatrix_x4(af[mi], As + (mb + lane % 16) * SA::LDS + kk + (lane / 16) * 8);
+          } else {  // smem [k][m]: row = k, 8 contiguous m; .trans hands out (m, k) pairs
+            const int j = lane / 8, r = lane % 8;
+            ldmatrix_x4_trans(af[mi], As + (kk + (j / 2) * 8 + r) * SA::LDS + mb + (j % 2) * 8);
+          }
+        }
+        // B fragments for two n8 tiles per ldmatrix.x4: j = 0 (n 0-7, k 0-7) -> b0 of tile
+        // 0, 1 (n 0-7, k 8-15) -> b1 of tile 0, 2 and 3 likewise for n 8-15 (tile 1).
+        uint32_t bf[NI][2];
+#pragma unroll
+        for (int nj = 0; nj < NI; nj += 2) {
+          const int nb = wn * WN + nj * 8;
+          uint32_t r4[4];
+          if constexpr (B_KM) {  // smem [n][k]
+            ldmatrix_x4(r4, Bs + (nb + (lane / 16) * 8 + lane % 8) * SB::LDS + kk +
+                                ((lane / 8) % 2) * 8);
+          } else {  // smem [k][n]
+            ldmatrix_x4_trans(r4, Bs + (kk + ((lane / 8) % 2) * 8 + lane % 8) * SB::LDS + nb +
+                                      (lane / 16) * 8);
+          }
+          bf[nj][0] = r4[0];
+          bf[nj][1] = r4[1];
+          bf[nj + 1][0] = r4[2];
+          bf[nj + 1][1] = r4[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) mma_16816<T>(acc[mi][ni], af[mi], bf[ni]);
+      }
+    }
+    cp_async_wait<0>();
+
+    // Accumulator layout of mma.m16n8k16: c0, c1 at (row lane/4, cols 2*(lane%4) + 0/1),
+    // c2, c3 at row lane/4 + 8.
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int ml = wm * WM + mi * 16 + lane / 4 + (r / 2) * 8;
+          const int nl = wn * WN + ni * 8 + (lane % 4) * 2 + (r % 2);
+          store(ml, nl, acc[mi][ni][r]);
+        }
+  } else {
+    // SIMT: thread (tm, tn) owns rows tm + 16 i and columns tn + 16 j (i, j < 4).
+    constexpr int TM = 4, TN = 4;
+    static_assert(BM == 16 * TM && BN == 16 * TN && THREADS == 256, "SIMT tile mapping");
+    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
+    AccT acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = AccT(0);
+
+    for (int64_t kt = 0; kt < ktiles; ++kt) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      if (kt + STAGES - 1 < ktiles) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+      cp_async_commit();
+
+      const T* As = smem_a + (kt % STAGES) * SA::ELEMS;
+      const T* Bs = smem_b + (kt % STAGES) * SB::ELEMS;
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        AccT av[TM], bv[TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+          const int m = tm + 16 * i;
+          av[i] = static_cast<AccT>(A_KM ? As[m * SA::LDS + kk] : As[kk * SA::LDS + m]);
+        }
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+          const int n = tn + 16 * j;
+          bv[j] = static_cast<AccT>(B_KM ? Bs[n * SB::LDS + kk] : Bs[kk * SB::LDS + n]);
+        }
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+          for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+      }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) store(tm + 16 * i, tn + 16 * j, acc[i][j]);
+  }
+}
+
+template <typename T, bool AK, bool BK>
+constexpr int smem_bytes() {
+  using Cfg = Tile<T>;
+  return Cfg::STAGES *
+         (SmemTile<T, AK, Cfg::BM, Cfg::BK, Cfg::PAD>::ELEMS +
+          SmemTile<T, BK, Cfg::BN, Cfg::BK, Cfg::PAD>::ELEMS) *
+         static_cast<int>(sizeof(T));
+}
+
+}  // namespace detail
+
+template <typename T, typename OutT, bool AK, bool BK>
+void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStream_t stream) {
+  using Cfg = detail::Tile<T>;
+  if (p.num_groups <= 0 || p.max_m <= 0 || p.max_n <= 0) return;
+  const int64_t mt = (p.max_m + Cfg::BM - 1) / Cfg::BM;
+  const int64_t nt = (p.max_n + Cfg::BN - 1) / Cfg::BN;
+  TORCH_CHECK(mt <= 65535 && nt <= 65535,
+              "stochgate gated matmul: problem too large for the CUDA grid (", p.max_m, " x ",
+              p.max_n, " outputs per chunk)");
+  constexpr int smem = detail::smem_bytes<T, AK, BK>();
+  auto kernel = detail::grouped_gemm_kernel<T, OutT, AK, BK>;
+  if constexpr (smem > 48 * 1024) {
+    // Not a stream operation: legal during CUDA graph capture.
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
+  const dim3 grid(static_cast<unsigned>(p.num_groups), static_cast<unsigned>(mt),
+                  static_cast<unsigned>(nt));
+  kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#endif  // STOCHGATE_GATED_GEMM_IMPL
+
+}  // namespace gated
+}  // namespace stochgate

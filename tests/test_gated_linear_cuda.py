@@ -1,0 +1,410 @@
+"""CUDA kernels of the gated matmuls (csrc/cuda/gated_linear*.cu), called through
+torch.ops.stochgate directly: forward and backward against stochgate.reference in every dtype,
+shapes that hit each code path (unaligned chunks, chunk = 1, chunk = N, several row tiles and
+routing tiles, the per-row and the grouped row reductions), edge gates, CPU-vs-CUDA agreement,
+determinism, and capture in a CUDA graph (no host synchronisation).
+
+Run on a GPU machine with ``pytest -m cuda tests/test_gated_linear_cuda.py``; everything here
+is skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stochgate  # noqa: F401  (loads the extension and registers the ops)
+from stochgate import reference as R
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _has_cuda_kernel(name: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"stochgate::{name}", "CUDA")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        HAS_CUDA and not _has_cuda_kernel("gated_linear"),
+        reason="stochgate was built without CUDA kernels",
+    ),
+]
+
+ops = torch.ops.stochgate
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+# (B, K, N, C) for gated_linear; for gated_input_linear the same tuple reads (B, M, N, C):
+# h (B, N), weight (M, N). Comments name the path each shape exercises.
+SHAPES = [
+    (7, 13, 15, 15),  # chunk = 1 (per-unit gating), odd sizes: scalar loads, per-row reduction
+    (5, 9, 21, 1),  # chunk = N, one group
+    (37, 53, 60, 5),  # chunk 12 < 16, K odd: unaligned, per-row reduction
+    (33, 31, 48, 3),  # chunk 16, K odd: grouped, scalar loads for x
+    (64, 64, 128, 4),  # chunk 32, every operand 16-byte aligned: cp.async everywhere
+    (130, 96, 256, 2),  # chunk 128 = one full N tile, B > 128: two M tiles per group
+    (300, 136, 384, 3),  # chunk 128, K not a multiple of the 32-wide K step, 3 M tiles
+    (9, 70, 38, 2),  # chunk 19: unaligned grouped path
+]
+
+
+def _gates(B, C, density, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    on = torch.rand(B, C, generator=g) < density
+    vals = 0.5 + torch.rand(B, C, generator=g)
+    return (vals * on).to(device="cuda", dtype=dtype)
+
+
+def _linear_data(B, K, N, C, dtype, density=0.4, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K, generator=g).to("cuda", dtype)
+    w = (torch.randn(N, K, generator=g) / max(K, 1) ** 0.5).to("cuda", dtype)
+    b = torch.randn(N, generator=g).to("cuda", dtype) if bias else None
+    return x, w, b, _gates(B, C, density, seed=seed + 1)
+
+
+def _input_linear_data(B, M, N, C, dtype, density=0.4, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, N, generator=g).to("cuda", dtype)
+    w = (torch.randn(M, N, generator=g) / max(N, 1) ** 0.5).to("cuda", dtype)
+    b = torch.randn(M, generator=g).to("cuda", dtype) if bias else None
+    return h, w, b, _gates(B, C, density, seed=seed + 1)
+
+
+def _eps(dtype):
+    return {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[
+        dtype
+    ]
+
+
+def _check(name, out, ref64, ref_lowp, dtype):
+    """The kernel's error against float64 must stay within a small multiple of PyTorch's own
+    error when it runs the reference in `dtype`, plus a few ulps of the result's scale."""
+    assert out.dtype == ref_lowp.dtype, f"{name}: dtype {out.dtype} != {ref_lowp.dtype}"
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.is_contiguous(), f"{name} is not contiguous"
+    if ref64.numel() == 0:
+        return
+    o, r, lp = out.double(), ref64.double(), ref_lowp.double()
+    assert torch.isfinite(o).all(), f"{name}: non-finite values"
+    err = (o - r).abs().max().item()
+    torch_err = (lp - r).abs().max().item()
+    scale = max(r.abs().max().item(), 1.0)
+    bound = 4 * torch_err + 8 * _eps(dtype) * scale
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (torch's own {torch_err:.3g})"
+
+
+def _ref_linear(x, w, b, gates, dy, gate_grad, dtype):
+    """Output and gradients (x, w, b, gates) of the reference, in `dtype`."""
+    args = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (x, w, b)]
+    g = gates.detach().to(dtype if dtype == torch.float64 else gates.dtype).requires_grad_()
+    y = R.gated_linear(args[0], args[1], args[2], g, gate_grad=gate_grad)
+    grads = torch.autograd.grad(y, [a for a in args if a is not None] + [g], dy.to(dtype))
+    grads = list(grads)
+    dx, dw = grads[0], grads[1]
+    db = grads[2] if b is not None else None
+    dg = grads[-1]
+    return y.detach(), dx, dw, db, dg
+
+
+def _ref_input_linear(h, w, b, gates, dy, dtype):
+    args = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (h, w, b)]
+    y = R.gated_input_linear(args[0], args[1], args[2], gates)
+    grads = torch.autograd.grad(y, [a for a in args if a is not None], dy.to(dtype))
+    db = grads[2] if b is not None else None
+    return y.detach(), grads[0], grads[1], db
+
+
+# ---------------------------------------------------------------------------------------
+# gated_linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gated_linear_forward(dtype, shape):
+    B, K, N, C = shape
+    x, w, b, gates = _linear_data(B, K, N, C, dtype)
+    y = ops.gated_linear(x, w, b, gates)
+    ref64 = R.gated_linear(x.double(), w.double(), b.double(), gates)
+    ref_lp = R.gated_linear(x, w, b, gates)
+    _check("y", y, ref64, ref_lp, dtype)
+    # Gated-off chunks are exact zeros.
+    off = (gates == 0).repeat_interleave(N // C, dim=1)
+    assert (y[off] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("full", [True, False], ids=["full", "active"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gated_linear_backward(dtype, shape, full, bias):
+    B, K, N, C = shape
+    x, w, b, gates = _linear_data(B, K, N, C, dtype, bias=bias)
+    dy = torch.randn(B, N, device="cuda").to(dtype)
+    dx, dw, db, dg = ops.gated_linear_backward(dy, x, w, b, gates, [True, True, True, True], full)
+    gate_grad = "full" if full else "active"
+    r64 = _ref_linear(x, w, b, gates, dy, gate_grad, torch.float64)
+    rlp = _ref_linear(x, w, b, gates, dy, gate_grad, dtype)
+    _check("dx", dx, r64[1], rlp[1], dtype)
+    _check("dweight", dw, r64[2], rlp[2], dtype)
+    if bias:
+        _check("dbias", db, r64[3], rlp[3], dtype)
+    else:
+        assert db.shape == (0,)
+    assert dg.dtype == gates.dtype
+    _check("dgates", dg.to(rlp[4].dtype), r64[4].to(torch.float64), rlp[4], dtype)
+    if not full:
+        assert (dg[gates == 0] == 0).all()
+
+
+def test_gated_linear_backward_output_mask():
+    x, w, b, gates = _linear_data(40, 32, 64, 4, torch.bfloat16)
+    dy = torch.randn(40, 64, device="cuda", dtype=torch.bfloat16)
+    full = ops.gated_linear_backward(dy, x, w, b, gates, [True, True, True, True], True)
+    for i in range(4):
+        mask = [j == i for j in range(4)]
+        out = ops.gated_linear_backward(dy, x, w, b, gates, mask, True)
+        for j in range(4):
+            if j == i:
+                torch.testing.assert_close(out[j], full[j], rtol=0, atol=0)
+            else:
+                assert out[j].shape == (0,), (i, j, out[j].shape)
+
+
+# ---------------------------------------------------------------------------------------
+# gated_input_linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gated_input_linear_forward_backward(dtype, shape, bias):
+    B, M, N, C = shape
+    h, w, b, gates = _input_linear_data(B, M, N, C, dtype, bias=bias)
+    y = ops.gated_input_linear(h, w, b, gates)
+    dy = torch.randn(B, M, device="cuda").to(dtype)
+    dh, dw, db = ops.gated_input_linear_backward(dy, h, w, gates, [True, True, bias])
+    r64 = _ref_input_linear(h, w, b, gates, dy, torch.float64)
+    rlp = _ref_input_linear(h, w, b, gates, dy, dtype)
+    _check("y", y, r64[0], rlp[0], dtype)
+    _check("dh", dh, r64[1], rlp[1], dtype)
+    _check("dweight", dw, r64[2], rlp[2], dtype)
+    if bias:
+        _check("dbias", db, r64[3], rlp[3], dtype)
+    off = (gates == 0).repeat_interleave(N // C, dim=1)
+    assert (dh[off] == 0).all()
+
+
+def test_gated_input_linear_backward_output_mask():
+    h, w, _, gates = _input_linear_data(40, 48, 64, 4, torch.float16)
+    dy = torch.randn(40, 48, device="cuda", dtype=torch.float16)
+    full = ops.gated_input_linear_backward(dy, h, w, gates, [True, True, True])
+    for i in range(3):
+        mask = [j == i for j in range(3)]
+        out = ops.gated_input_linear_backward(dy, h, w, gates, mask)
+        for j in range(3):
+            if j == i:
+                torch.testing.assert_close(out[j], full[j], rtol=0, atol=0)
+            else:
+                assert out[j].shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------
+# Edge cases
+
+
+@pytest.mark.parametrize("C", [1, 4, 64])
+@pytest.mark.parametrize("fill", [0.0, 1.0])
+def test_all_zero_and_all_one_gates(C, fill):
+    B, K, N = 50, 40, 128
+    x, w, b, _ = _linear_data(B, K, N, C, torch.float32)
+    gates = torch.full((B, C), fill, device="cuda")
+    y = ops.gated_linear(x, w, b, gates)
+    y2 = ops.gated_input_linear(y, torch.randn(24, N, device="cuda"), None, gates)
+    if fill == 0:
+        assert (y == 0).all() and (y2 == 0).all()
+    else:
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    dy = torch.randn(B, N, device="cuda")
+    dx, dw, db, dg = ops.gated_linear_backward(dy, x, w, b, gates, [True] * 4, False)
+    if fill == 0:
+        for t in (dx, dw, db, dg):
+            assert (t == 0).all()
+    else:
+        torch.testing.assert_close(dx, dy @ w, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dw, dy.t() @ x, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(db, dy.sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_batch_zero():
+    x, w, b, gates = _linear_data(0, 16, 32, 4, torch.bfloat16)
+    y = ops.gated_linear(x, w, b, gates)
+    assert y.shape == (0, 32)
+    dy = torch.empty(0, 32, device="cuda", dtype=torch.bfloat16)
+    dx, dw, db, dg = ops.gated_linear_backward(dy, x, w, b, gates, [True] * 4, True)
+    assert dx.shape == (0, 16) and dg.shape == (0, 4)
+    assert dw.shape == (32, 16) and (dw == 0).all() and (db == 0).all()
+    h, w2, b2, _ = _input_linear_data(0, 8, 32, 4, torch.bfloat16)
+    y2 = ops.gated_input_linear(h, w2, b2, gates)
+    assert y2.shape == (0, 8)
+    dh, dw2, db2 = ops.gated_input_linear_backward(
+        torch.empty(0, 8, device="cuda", dtype=torch.bfloat16), h, w2, gates, [True] * 3
+    )
+    assert dh.shape == (0, 32) and (dw2 == 0).all() and (db2 == 0).all()
+
+
+@pytest.mark.parametrize("C", [1, 8, 32])
+def test_skipped_chunks_are_never_read(C):
+    """NaN/Inf in what a gated-off chunk would touch must not reach the outputs."""
+    B, K, N = 64, 32, 128
+    x, w, b, gates = _linear_data(B, K, N, C, torch.float16, density=0.5)
+    gates[:, 0] = 0  # chunk 0 off for every row: its weight rows are never read
+    w[: N // C] = float("nan")
+    y = ops.gated_linear(x, w, b, gates)
+    assert torch.isfinite(y).all()
+    dy = torch.randn(B, N, device="cuda", dtype=torch.float16)
+    dx, dw, db, _ = ops.gated_linear_backward(dy, x, w, b, gates, [True, True, True, False], True)
+    assert torch.isfinite(dx).all() and torch.isfinite(db).all()
+    assert (dw[: N // C] == 0).all()
+    # gated_input_linear: h in off chunks is never read.
+    h, w2, b2, _ = _input_linear_data(B, 48, N, C, torch.float16)
+    off = (gates == 0).repeat_interleave(N // C, dim=1)
+    h = h.masked_fill(off, float("nan"))
+    y2 = ops.gated_input_linear(h, w2, b2, gates)
+    assert torch.isfinite(y2).all()
+    dh, dw2, _ = ops.gated_input_linear_backward(
+        torch.randn(B, 48, device="cuda", dtype=torch.float16), h, w2, gates, [True, True, False]
+    )
+    assert torch.isfinite(dh).all() and torch.isfinite(dw2).all()
+
+
+def test_many_routing_tiles():
+    """B spans several 1024-row routing tiles and many 128-row GEMM tiles; rows are sorted
+    stably per chunk (the output only depends on the row, not on its rank)."""
+    B, K, N, C = 5000, 64, 256, 4
+    x, w, b, gates = _linear_data(B, K, N, C, torch.bfloat16, density=0.7)
+    y = ops.gated_linear(x, w, b, gates)
+    _check("y", y, R.gated_linear(x.double(), w.double(), b.double(), gates),
+           R.gated_linear(x, w, b, gates), torch.bfloat16)
+    h, w2, b2, _ = _input_linear_data(B, 96, N, C, torch.bfloat16)
+    y2 = ops.gated_input_linear(h, w2, b2, gates)
+    _check("y2", y2, R.gated_input_linear(h.double(), w2.double(), b2.double(), gates),
+           R.gated_input_linear(h, w2, b2, gates), torch.bfloat16)
+
+
+@pytest.mark.parametrize("gdtype", [torch.float16, torch.float64, torch.bfloat16])
+def test_gate_dtypes(gdtype):
+    x, w, b, gates = _linear_data(70, 48, 96, 6, torch.float32)
+    g = gates.to(gdtype)
+    y = ops.gated_linear(x, w, b, g)
+    torch.testing.assert_close(y, R.gated_linear(x, w, b, g), rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    *_, dg = ops.gated_linear_backward(dy, x, w, b, g, [False, False, False, True], True)
+    assert dg.dtype == gdtype and dg.shape == g.shape
+
+
+def test_non_contiguous_inputs():
+    B, K, N, C = 45, 40, 64, 4
+    x, w, b, gates = _linear_data(B, K, N, C, torch.bfloat16)
+    xt = x.t().contiguous().t()
+    wt = w.t().contiguous().t()
+    gt = gates.t().contiguous().t()
+    assert not xt.is_contiguous() and not gt.is_contiguous()
+    torch.testing.assert_close(ops.gated_linear(xt, wt, b, gt), ops.gated_linear(x, w, b, gates),
+                               rtol=0, atol=0)
+    hs = torch.randn(B, 2 * N, device="cuda", dtype=torch.bfloat16)[:, ::2]
+    w2 = torch.randn(24, N, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(ops.gated_input_linear(hs, w2, None, gt),
+                               ops.gated_input_linear(hs.contiguous(), w2, None, gates),
+                               rtol=0, atol=0)
+
+
+def test_deterministic():
+    x, w, b, gates = _linear_data(600, 96, 256, 8, torch.bfloat16, density=0.6)
+    dy = torch.randn(600, 256, device="cuda", dtype=torch.bfloat16)
+    a = ops.gated_linear_backward(dy, x, w, b, gates, [True] * 4, False)
+    c = ops.gated_linear_backward(dy, x, w, b, gates, [True] * 4, False)
+    for t, u in zip(a, c):
+        assert torch.equal(t, u)
+    h, w2, b2, _ = _input_linear_data(600, 80, 256, 8, torch.bfloat16)
+    assert torch.equal(ops.gated_input_linear(h, w2, b2, gates), ops.gated_input_linear(h, w2, b2, gates))
+
+
+def test_bad_inputs_raise():
+    x, w, b, gates = _linear_data(8, 16, 32, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="gates"):
+        ops.gated_linear(x, w, b, gates[:, :3])  # 32 % 3 != 0
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.gated_linear(x, w[:, :15], b, gates)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.gated_linear(x, w, b[:31], gates)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.gated_linear(x, w.half(), b, gates)
+    with pytest.raises(RuntimeError, match="device"):
+        ops.gated_linear(x, w, b, gates.cpu())
+
+
+# ---------------------------------------------------------------------------------------
+# CPU vs CUDA, CUDA graphs
+
+
+@pytest.mark.skipif(
+    not torch._C._dispatch_has_kernel_for_dispatch_key("stochgate::gated_linear", "CPU"),
+    reason="no CPU kernel registered",
+)
+@pytest.mark.parametrize("shape", [(37, 53, 60, 5), (130, 96, 256, 2), (33, 20, 24, 24)], ids=str)
+def test_cpu_and_cuda_agree(shape):
+    B, K, N, C = shape
+    x, w, b, gates = _linear_data(B, K, N, C, torch.float32)
+    dy = torch.randn(B, N, device="cuda")
+    cu = [ops.gated_linear(x, w, b, gates)]
+    cu += ops.gated_linear_backward(dy, x, w, b, gates, [True] * 4, False)
+    cp = [ops.gated_linear(x.cpu(), w.cpu(), b.cpu(), gates.cpu())]
+    cp += ops.gated_linear_backward(dy.cpu(), x.cpu(), w.cpu(), b.cpu(), gates.cpu(), [True] * 4, False)
+    for name, a, c in zip(["y", "dx", "dw", "db", "dg"], cu, cp):
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-4, atol=1e-4, msg=name)
+    h, w2, b2, _ = _input_linear_data(B, 40, N, C, torch.float32)
+    dy2 = torch.randn(B, 40, device="cuda")
+    cu = [ops.gated_input_linear(h, w2, b2, gates)]
+    cu += ops.gated_input_linear_backward(dy2, h, w2, gates, [True] * 3)
+    cp = [ops.gated_input_linear(h.cpu(), w2.cpu(), b2.cpu(), gates.cpu())]
+    cp += ops.gated_input_linear_backward(dy2.cpu(), h.cpu(), w2.cpu(), gates.cpu(), [True] * 3)
+    for name, a, c in zip(["y", "dh", "dw", "db"], cu, cp):
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("C", [1, 4, 32], ids=lambda c: f"C{c}")
+def test_cuda_graph_capture(C):
+    """Forward and backward of both ops replay in a CUDA graph with new gate values: the
+    routing lives on the device and nothing waits for the host."""
+    B, K, N, M = 96, 64, 128, 80
+    x, w, b, gates = _linear_data(B, K, N, C, torch.bfloat16, density=0.5)
+    w2 = torch.randn(M, N, device="cuda", dtype=torch.bfloat16) / N**0.5
+    dy = torch.randn(B, M, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        y = ops.gated_linear(x, w, b, gates)
+        z = ops.gated_input_linear(y, w2, None, gates)
+        dh, dw2, _ = ops.gated_input_linear_backward(dy, y, w2, gates, [True, True, False])
+        dx, dw, db, dg = ops.gated_linear_backward(dh, x, w, b, gates, [True] * 4, False)
+        return z, dw2, dx, dw, db, dg
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    new_gates = _gates(B, C, 0.3, seed=7)
+    gates.copy_(new_gates)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for name, a, e in zip(["z", "dw2", "dx", "dw", "db", "dg"], outs, eager):
+        assert torch.equal(a, e), name
