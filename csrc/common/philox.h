@@ -2,17 +2,24 @@
 // written once for host and device so that CPU and CUDA kernels given the same key draw
 // bit-identical integers.
 //
-// Stream layout used by every sampling op in stochgate: element i of a tensor belongs to
-// group g = i / 4 and lane i % 4; the group's four 32-bit outputs come from
-//   philox(counter = (g_lo, g_hi, offset_lo, offset_hi), key = (seed_lo, seed_hi)).
-// The (seed, offset) pair is the op's `key` tensor, drawn from a torch.Generator by the
-// Python wrapper. The uniform of element i is lane (i % 4) mapped to [0, 1) with 24 bits.
+// Stream layout used by every sampling op in stochgate. Group g's four 32-bit words come from
+//   philox(counter = (g_lo, g_hi, offset_lo, offset_hi), key = (seed_lo, seed_hi)),
+// where (seed, offset) is the op's `key` tensor, drawn from a torch.Generator by the Python
+// wrapper. Elements are laid out in blocks of 64 = 16 groups x 4 lanes, lane-major: element
+// i = 64 b + 16 l + j takes lane l of group 16 b + j (element_of below). So a 16-wide vector
+// of one lane over 16 consecutive groups is 16 consecutive elements: the CPU kernels need no
+// transpose, and 16 neighbouring GPU threads (one group each) store 16 neighbouring elements.
+// A Gaussian is drawn by Box-Muller from lanes (0, 1) or (2, 3) of one group.
 #pragma once
 
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SG_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: the CPU kernels call these from ISA-specific clones, which GCC only
+// vectorises through when the callee is inlined.
+#define SG_HD inline __attribute__((always_inline))
 #else
 #define SG_HD inline
 #endif
@@ -52,6 +59,19 @@ SG_HD U32x4 philox_group(uint64_t seed, uint64_t offset, uint64_t g) {
       U32x4{static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
             static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)},
       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+constexpr int kBlockGroups = 16;
+constexpr int kBlockElems = 4 * kBlockGroups;
+
+// Index of the element that takes lane l of group g.
+SG_HD int64_t element_of(int64_t g, int l) {
+  return (g / kBlockGroups) * kBlockElems + l * kBlockGroups + (g % kBlockGroups);
+}
+
+// Number of groups whose blocks cover n elements.
+SG_HD int64_t groups_for(int64_t n) {
+  return (n + kBlockElems - 1) / kBlockElems * kBlockGroups;
 }
 
 SG_HD uint32_t lane(const U32x4& r, int i) {

@@ -8,34 +8,173 @@
 
 #include "../common/checks.h"
 #include "../common/estimators.h"
+#include "vec_math.h"
 
 namespace stochgate {
 namespace {
 
-// Groups of 4 elements per Philox call; a task covers at least this many groups.
-constexpr int64_t kGrain = 4096;
+// ---------------------------------------------------------------------------------------
+// float32 fast path: 16 Philox groups (64 elements) per step, vectorised math (vec_math.h).
 
-// out[i] = f(in[i], philox words of i's group, i % 4) for a contiguous tensor.
+enum class Kind { kBinary, kSts, kGauss, kLogistic };
+
+// IEEE square root, 16 lanes (vectorised by the compiler: the file has -fno-math-errno).
+SG_INLINE vm::vf vsqrt(vm::vf x) {
+  vm::vf r;
+  for (int i = 0; i < vm::kLanes; ++i) r[i] = __builtin_sqrtf(x[i]);
+  return r;
+}
+
+template <Kind K>
+SG_INLINE vm::vf sample_vec(vm::vf v, vm::vf u, vm::vf z, float sigma) {
+  if constexpr (K == Kind::kBinary) {
+    const vm::vf p = vm::sigmoid(v);
+    return vm::select(vm::isnan(p), p, vm::select(u < p, vm::splat(1.0f), vm::splat(0.0f)));
+  } else if constexpr (K == Kind::kSts) {
+    const vm::vf sq = vsqrt(vm::sigmoid(v));
+    return vm::select(vm::isnan(sq), sq, vm::select(u < sq, sq, vm::splat(0.0f)));
+  } else {
+    const vm::vf t = sigma == 0.0f ? v : v + sigma * z;
+    return vm::select(t <= 0.0f, vm::splat(0.0f), t);  // NaN is not <= 0: it passes
+  }
+}
+
+// Samples blocks [b_begin, b_end) (64 elements, 16 Philox groups each) of a float tensor of
+// n elements.
+template <Kind K>
+SG_INLINE void sample_f32(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset,
+                          int64_t b_begin, int64_t b_end, float sigma) {
+  constexpr int L = vm::kLanes;
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    vm::vu w[4];
+    vm::philox16(seed, offset, static_cast<uint64_t>(b * kBlockGroups), w);
+    vm::vf u[4], z[4];
+    if constexpr (K == Kind::kGauss) {  // Box-Muller over lanes (0, 1) and (2, 3)
+      const vm::vf r0 = vsqrt(-2.0f * vm::log_pos(vm::uniform_oo(w[0])));
+      const vm::vf r1 = vsqrt(-2.0f * vm::log_pos(vm::uniform_oo(w[2])));
+      vm::vf c0, s0, c1, s1;
+      vm::cossin_2pi(vm::uniform_co(w[1]), c0, s0);
+      vm::cossin_2pi(vm::uniform_co(w[3]), c1, s1);
+      z[0] = r0 * c0;
+      z[1] = r0 * s0;
+      z[2] = r1 * c1;
+      z[3] = r1 * s1;
+    } else {
+      for (int l = 0; l < 4; ++l) {
+        if constexpr (K == Kind::kLogistic) {
+          u[l] = vm::uniform_oo(w[l]);
+          z[l] = vm::log_pos(u[l]) - vm::log_pos(1.0f - u[l]);
+        } else {
+          u[l] = vm::uniform_co(w[l]);
+        }
+      }
+    }
+    const int64_t base = b * kBlockElems;
+    if (base + kBlockElems <= n) {
+      for (int l = 0; l < 4; ++l) {
+        vm::store(y + base + l * L, sample_vec<K>(vm::load(x + base + l * L), u[l], z[l], sigma));
+      }
+    } else {  // the tail goes through the same vector code via a padded copy
+      const size_t bytes = sizeof(float) * static_cast<size_t>(n - base);
+      alignas(64) float xt[kBlockElems] = {}, yt[kBlockElems];
+      std::memcpy(xt, x + base, bytes);
+      for (int l = 0; l < 4; ++l) {
+        vm::store(yt + l * L, sample_vec<K>(vm::load(xt + l * L), u[l], z[l], sigma));
+      }
+      std::memcpy(y + base, yt, bytes);
+    }
+  }
+}
+
+SG_CPU_CLONES void binary_sample_f32(const float* x, float* y, int64_t n, uint64_t seed,
+                                     uint64_t offset, int64_t g0, int64_t g1) {
+  sample_f32<Kind::kBinary>(x, y, n, seed, offset, g0, g1, 0.0f);
+}
+SG_CPU_CLONES void sts_f32(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset,
+                           int64_t g0, int64_t g1) {
+  sample_f32<Kind::kSts>(x, y, n, seed, offset, g0, g1, 0.0f);
+}
+SG_CPU_CLONES void gauss_rectifier_f32(const float* x, float* y, int64_t n, uint64_t seed,
+                                       uint64_t offset, int64_t g0, int64_t g1, float sigma) {
+  sample_f32<Kind::kGauss>(x, y, n, seed, offset, g0, g1, sigma);
+}
+SG_CPU_CLONES void logistic_rectifier_f32(const float* x, float* y, int64_t n, uint64_t seed,
+                                          uint64_t offset, int64_t g0, int64_t g1, float sigma) {
+  sample_f32<Kind::kLogistic>(x, y, n, seed, offset, g0, g1, sigma);
+}
+
+// Elementwise float32 backward over [i0, i1) in 16-lane vectors, tails through a padded copy.
+template <typename F>
+SG_INLINE void map_f32(const float* a, const float* b, const float* c, float* out, int64_t i0,
+                       int64_t i1, F f) {
+  int64_t i = i0;
+  for (; i + vm::kLanes <= i1; i += vm::kLanes) {
+    vm::store(out + i, f(vm::load(a + i), vm::load(b + i), vm::load(c + i)));
+  }
+  if (i < i1) {
+    alignas(64) float ta[vm::kLanes] = {}, tb[vm::kLanes] = {}, tc[vm::kLanes] = {}, to[vm::kLanes];
+    const size_t bytes = sizeof(float) * static_cast<size_t>(i1 - i);
+    std::memcpy(ta, a + i, bytes);
+    std::memcpy(tb, b + i, bytes);
+    std::memcpy(tc, c + i, bytes);
+    vm::store(to, f(vm::load(ta), vm::load(tb), vm::load(tc)));
+    std::memcpy(out + i, to, bytes);
+  }
+}
+
+SG_CPU_CLONES void sigmoid_backward_f32(const float* g, const float* x, float* out, int64_t i0,
+                                        int64_t i1) {
+  map_f32(g, x, x, out, i0, i1, [](vm::vf gv, vm::vf xv, vm::vf) __attribute__((always_inline)) {
+    const vm::vf p = vm::sigmoid(xv);
+    return gv * p * (1.0f - p);
+  });
+}
+
+SG_CPU_CLONES void sts_backward_f32(const float* g, const float* x, const float* h, float* out,
+                                    int64_t i0, int64_t i1) {
+  map_f32(g, x, h, out, i0, i1, [](vm::vf gv, vm::vf xv, vm::vf hv) __attribute__((always_inline)) {
+    const vm::vf p = vm::sigmoid(xv);
+    const vm::vf d = gv * 0.5f * vsqrt(p) * (1.0f - p);
+    return vm::select(hv == 0.0f, 0.0f * gv, d);
+  });
+}
+
+// A parallel task covers at least this many elements (elementwise maps) or 64-element blocks.
+constexpr int64_t kGrain = 4096;
+constexpr int64_t kGrainBlocks = 256;
+
+// out[i] = f(in[i], the Philox words of i's group, i's lane) for a contiguous tensor: the
+// portable path (float64, float16, bfloat16), same stream layout as the fast path.
 template <typename scalar_t, typename F>
 void sample_map(const at::Tensor& in, at::Tensor& out, uint64_t seed, uint64_t offset, F f) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = in.const_data_ptr<scalar_t>();
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
   const int64_t n = in.numel();
-  const int64_t groups = (n + 3) / 4;
-  at::parallel_for(0, groups, kGrain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
+  const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t g = b0 * kBlockGroups; g < b1 * kBlockGroups; ++g) {
       const U32x4 r = philox_group(seed, offset, static_cast<uint64_t>(g));
-      const int64_t base = 4 * g;
-      const int lanes = static_cast<int>(std::min<int64_t>(4, n - base));
-      for (int l = 0; l < lanes; ++l) {
-        y[base + l] = static_cast<scalar_t>(f(static_cast<acc_t>(x[base + l]), r, l));
+      for (int l = 0; l < 4; ++l) {
+        const int64_t i = element_of(g, l);
+        if (i < n) y[i] = static_cast<scalar_t>(f(static_cast<acc_t>(x[i]), r, l));
       }
     }
   });
 }
 
-// out[i] = f(a[i], b[i]) (and c[i]) for contiguous tensors of one dtype.
+// Runs a float32 fast-path sampler over all Philox groups in parallel; false if not float32.
+template <typename F32>
+bool sample_f32_parallel(const at::Tensor& in, at::Tensor& out, F32 f32) {
+  if (in.scalar_type() != at::kFloat) return false;
+  const float* x = in.const_data_ptr<float>();
+  float* y = out.mutable_data_ptr<float>();
+  const int64_t n = in.numel();
+  const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { f32(x, y, n, b0, b1); });
+  return true;
+}
+
 template <typename scalar_t, typename F>
 void binary_map(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, F f) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -71,6 +210,11 @@ at::Tensor binary_sample_cpu(const at::Tensor& logits, const at::Tensor& key) {
   const auto [seed, offset] = cpu_key_values(key);
   auto in = logits.contiguous();
   auto out = at::empty_like(in);
+  if (sample_f32_parallel(in, out, [&](const float* x, float* y, int64_t n, int64_t g0, int64_t g1) {
+        binary_sample_f32(x, y, n, seed, offset, g0, g1);
+      })) {
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "binary_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     sample_map<scalar_t>(in, out, seed, offset,
@@ -90,6 +234,14 @@ at::Tensor straight_through_backward_cpu(const at::Tensor& grad, const at::Tenso
   auto g = grad.contiguous();
   auto x = logits.contiguous();
   auto out = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    const float* pg = g.const_data_ptr<float>();
+    const float* px = x.const_data_ptr<float>();
+    float* po = out.mutable_data_ptr<float>();
+    at::parallel_for(0, x.numel(), 4 * kGrain,
+                     [&](int64_t i0, int64_t i1) { sigmoid_backward_f32(pg, px, po, i0, i1); });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "straight_through_backward_cpu", [&] {
     binary_map<scalar_t>(g, x, out, [](auto gv, auto xv) { return sigmoid_backward_elem(gv, xv); });
   });
@@ -102,6 +254,11 @@ at::Tensor stochastic_times_smooth_cpu(const at::Tensor& logits, const at::Tenso
   const auto [seed, offset] = cpu_key_values(key);
   auto in = logits.contiguous();
   auto out = at::empty_like(in);
+  if (sample_f32_parallel(in, out, [&](const float* x, float* y, int64_t n, int64_t g0, int64_t g1) {
+        sts_f32(x, y, n, seed, offset, g0, g1);
+      })) {
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "stochastic_times_smooth_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     sample_map<scalar_t>(in, out, seed, offset,
@@ -121,6 +278,15 @@ at::Tensor stochastic_times_smooth_backward_cpu(const at::Tensor& grad, const at
   auto x = logits.contiguous();
   auto hc = h.contiguous();
   auto out = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    const float* pg = g.const_data_ptr<float>();
+    const float* px = x.const_data_ptr<float>();
+    const float* ph = hc.const_data_ptr<float>();
+    float* po = out.mutable_data_ptr<float>();
+    at::parallel_for(0, x.numel(), 4 * kGrain,
+                     [&](int64_t i0, int64_t i1) { sts_backward_f32(pg, px, ph, po, i0, i1); });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stochastic_times_smooth_backward_cpu", [&] {
     ternary_map<scalar_t>(g, x, hc, out,
                           [](auto gv, auto xv, auto hv) { return sts_backward_elem(gv, xv, hv); });
@@ -136,6 +302,16 @@ at::Tensor noisy_rectifier_cpu(const at::Tensor& x, const at::Tensor& key, doubl
   const auto [seed, offset] = cpu_key_values(key);
   auto in = x.contiguous();
   auto out = at::empty_like(in);
+  const float sigma_f = static_cast<float>(sigma);
+  if (sample_f32_parallel(in, out, [&](const float* px, float* py, int64_t n, int64_t g0, int64_t g1) {
+        if (logistic) {
+          logistic_rectifier_f32(px, py, n, seed, offset, g0, g1, sigma_f);
+        } else {
+          gauss_rectifier_f32(px, py, n, seed, offset, g0, g1, sigma_f);
+        }
+      })) {
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "noisy_rectifier_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = static_cast<acc_t>(sigma);

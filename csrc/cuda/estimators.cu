@@ -1,7 +1,7 @@
 // CUDA kernels of the sampling estimators: one fused pass per op. Each thread owns Philox
-// groups of 4 consecutive elements (the same stream layout as the CPU kernels, so the same
-// key gives the same samples), loads and stores them as one vector when aligned, and walks
-// the tensor grid-stride. A CUDA key is read by the kernel itself: no host synchronisation.
+// groups (the stream layout of philox.h, shared with the CPU kernels, so the same key gives
+// the same samples) and walks the tensor grid-stride. A CUDA key is read by the kernel
+// itself: no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -54,32 +54,25 @@ KeyArg key_arg(const at::Tensor& logits, const at::Tensor& key, const char* op) 
   return KeyArg{nullptr, seed, offset};
 }
 
+// One thread per Philox group; lane l of group g is element element_of(g, l) (philox.h), so
+// 16 neighbouring threads store 16 neighbouring elements for each lane.
 template <typename scalar_t, typename F>
 __global__ void sample_map_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                  int64_t n, KeyArg key, bool vectorised, F f) {
+                                  int64_t n, KeyArg key, F f) {
   using acc_t = at::opmath_type<scalar_t>;
   uint64_t seed = key.seed, offset = key.offset;
   if (key.ptr != nullptr) {
     seed = static_cast<uint64_t>(key.ptr[0]);
     offset = static_cast<uint64_t>(key.ptr[1]);
   }
-  const int64_t groups = (n + 3) / 4;
+  const int64_t groups = groups_for(n);
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const U32x4 r = philox_group(seed, offset, static_cast<uint64_t>(g));
-    const int64_t base = 4 * g;
-    if (vectorised && base + 4 <= n) {
-      Vec4<scalar_t> in = reinterpret_cast<const Vec4<scalar_t>*>(x)[g];
-      Vec4<scalar_t> out;
 #pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        out.v[l] = static_cast<scalar_t>(f(static_cast<acc_t>(in.v[l]), r, l));
-      }
-      reinterpret_cast<Vec4<scalar_t>*>(y)[g] = out;
-    } else {
-      for (int l = 0; l < 4 && base + l < n; ++l) {
-        y[base + l] = static_cast<scalar_t>(f(static_cast<acc_t>(x[base + l]), r, l));
-      }
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = element_of(g, l);
+      if (i < n) y[i] = static_cast<scalar_t>(f(static_cast<acc_t>(x[i]), r, l));
     }
   }
 }
@@ -171,11 +164,9 @@ at::Tensor launch_sample(const at::Tensor& input, const at::Tensor& key, const c
   if (n == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "stochgate_sample_cuda", [&] {
-    const scalar_t* px = in.const_data_ptr<scalar_t>();
-    scalar_t* py = out.mutable_data_ptr<scalar_t>();
-    const bool vec = aligned4(px) && aligned4(static_cast<const scalar_t*>(py));
-    sample_map_kernel<<<blocks_for((n + 3) / 4), kThreads, 0, stream>>>(
-        px, py, n, k, vec, make_f.template operator()<scalar_t>());
+    sample_map_kernel<<<blocks_for(groups_for(n)), kThreads, 0, stream>>>(
+        in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, k,
+        make_f.template operator()<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -18,6 +18,7 @@ from ._ops import draw_key
 from .baselines import Baseline, resolve_baseline
 
 __all__ = [
+    "philox_groups",
     "philox_words",
     "uniform",
     "standard_noise",
@@ -36,13 +37,14 @@ _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _TWO_POW_MINUS_24 = 2.0**-24
 
 
-def philox_words(key: torch.Tensor, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 32-bit Philox4x32-10 word of each of ``numel`` elements (int64 holding uint32),
-    for the stream ``key = (seed, offset)``: element ``i`` takes word ``i % 4`` of the block
-    with counter ``(i // 4, offset)`` (csrc/common/philox.h)."""
+def philox_groups(key: torch.Tensor, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The Philox4x32-10 words of the groups whose blocks cover ``numel`` elements, as an int64
+    tensor (holding uint32) of shape ``(blocks, 16, 4)``: ``[b, j, l]`` is lane ``l`` of group
+    ``16 b + j``, whose counter is ``(group, offset)`` for ``key = (seed, offset)``
+    (csrc/common/philox.h)."""
     seed, offset = (int(v) for v in key.tolist())
-    groups = (numel + 3) // 4
-    g = torch.arange(groups, dtype=torch.int64, device=device)
+    blocks = (numel + 63) // 64
+    g = torch.arange(blocks * 16, dtype=torch.int64, device=device)
     c0, c1 = g & _MASK, g >> 32
     c2 = torch.full_like(g, offset & _MASK)
     c3 = torch.full_like(g, (offset >> 32) & _MASK)
@@ -54,7 +56,18 @@ def philox_words(key: torch.Tensor, numel: int, device: torch.device | str = "cp
         hi1, lo1 = (p1 >> 32) & _MASK, p1 & _MASK
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + _W0) & _MASK, (k1 + _W1) & _MASK
-    return torch.stack((c0, c1, c2, c3), dim=1).reshape(-1)[:numel]
+    return torch.stack((c0, c1, c2, c3), dim=1).reshape(blocks, 16, 4)
+
+
+def _to_elements(per_group: torch.Tensor, numel: int) -> torch.Tensor:
+    """(blocks, 16, 4) per-(group, lane) values -> flat elements: element ``64 b + 16 l + j``
+    takes lane ``l`` of group ``16 b + j``."""
+    return per_group.transpose(1, 2).reshape(-1)[:numel]
+
+
+def philox_words(key: torch.Tensor, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The Philox word (int64 holding uint32) that each of ``numel`` elements draws."""
+    return _to_elements(philox_groups(key, numel, device), numel)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -77,15 +90,14 @@ def standard_noise(key: torch.Tensor, shape: torch.Size, device, dtype: torch.dt
     if logistic:
         u = uniform(philox_words(key, n, device), dtype, open_interval=True)
         return (torch.log(u) - torch.log(1 - u)).reshape(shape)
-    # A pair's partner lane exists in the Philox block even past the last element.
-    groups = (n + 3) // 4
-    w = philox_words(key, groups * 4, device).reshape(groups, 2, 2)
+    # Box-Muller within each group: lanes (0, 1) and (2, 3) make two Gaussians each.
+    w = philox_groups(key, n, device).reshape(-1, 16, 2, 2)
     u1 = uniform(w[..., 0], dtype, open_interval=True)
     u2 = uniform(w[..., 1], dtype)
     radius = torch.sqrt(-2 * torch.log(u1))
     theta = 6.283185307179586 * u2
     z = torch.stack((radius * torch.cos(theta), radius * torch.sin(theta)), dim=-1)
-    return z.reshape(-1)[:n].reshape(shape)
+    return _to_elements(z.reshape(-1, 16, 4), n).reshape(shape)
 
 
 def _sample_uniform(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
