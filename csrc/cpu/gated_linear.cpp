@@ -16,7 +16,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "../common/checks.h"
 
@@ -186,6 +191,112 @@ SG_ALWAYS_INLINE T dot1(const T* a, const T* w, int64_t K) {
   return r;
 }
 
+#if SG_HAVE_MULTIVERSION
+// Explicit AVX-512 float32 versions: the lane-wise loops above leave their accumulators on
+// the stack (measured: store-forwarding bound), these keep them in zmm registers.
+SG_AVX512 void dot4_f32_avx512(const float* a, const float* w0, const float* w1, const float* w2,
+                               const float* w3, int64_t K, float* out) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(),
+         s3 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 av = _mm512_loadu_ps(a + k);
+    s0 = _mm512_fmadd_ps(av, _mm512_loadu_ps(w0 + k), s0);
+    s1 = _mm512_fmadd_ps(av, _mm512_loadu_ps(w1 + k), s1);
+    s2 = _mm512_fmadd_ps(av, _mm512_loadu_ps(w2 + k), s2);
+    s3 = _mm512_fmadd_ps(av, _mm512_loadu_ps(w3 + k), s3);
+  }
+  if (k < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 av = _mm512_maskz_loadu_ps(m, a + k);
+    s0 = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, w0 + k), s0);
+    s1 = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, w1 + k), s1);
+    s2 = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, w2 + k), s2);
+    s3 = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, w3 + k), s3);
+  }
+  out[0] = _mm512_reduce_add_ps(s0);
+  out[1] = _mm512_reduce_add_ps(s1);
+  out[2] = _mm512_reduce_add_ps(s2);
+  out[3] = _mm512_reduce_add_ps(s3);
+}
+
+SG_AVX512 float dot1_f32_avx512(const float* a, const float* w, int64_t K) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(w + k), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(w + k + 16), s1);
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, w + k), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+#define SG_ACC8(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7)
+
+// spmm_rows for float32 with the 128-wide output segment in 8 zmm registers.
+template <typename Coef>
+SG_AVX512 void spmm_rows_f32_avx512(const float* w, int64_t K, int64_t chunk, const RowRouting& rr,
+                                    int64_t b0, int64_t b1, const float* init, float* out,
+                                    const Coef& coef) {
+  static_assert(kKBlock == 128, "8 zmm accumulators");
+  int64_t k0 = 0;
+  for (; k0 + 128 <= K; k0 += 128) {
+    for (int64_t b = b0; b < b1; ++b) {
+#define SG_INIT(i) __m512 a##i = init ? _mm512_loadu_ps(init + k0 + 16 * i) : _mm512_setzero_ps();
+      SG_ACC8(SG_INIT)
+#undef SG_INIT
+      for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
+        const int64_t c = rr.chunks[p];
+        for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
+          const __m512 sv = _mm512_set1_ps(coef(b, p, n));
+          const float* wn = w + n * K + k0;
+#define SG_FMA(i) a##i = _mm512_fmadd_ps(sv, _mm512_loadu_ps(wn + 16 * i), a##i);
+          SG_ACC8(SG_FMA)
+#undef SG_FMA
+        }
+      }
+      float* o = out + b * K + k0;
+#define SG_STORE(i) _mm512_storeu_ps(o + 16 * i, a##i);
+      SG_ACC8(SG_STORE)
+#undef SG_STORE
+    }
+  }
+  if (k0 < K) spmm_rows(w, K, chunk, rr, b0, b1, init, out, coef, k0);
+}
+
+// spmm_units for float32, likewise.
+template <typename Coef>
+SG_AVX512 void spmm_units_f32_avx512(const float* a, int64_t K, int64_t chunk,
+                                     const ChunkRouting& cr, int64_t c0, int64_t c1, float* out,
+                                     const Coef& coef) {
+  int64_t k0 = 0;
+  for (; k0 + 128 <= K; k0 += 128) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
+#define SG_INIT(i) __m512 a##i = _mm512_setzero_ps();
+        SG_ACC8(SG_INIT)
+#undef SG_INIT
+        for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
+          const __m512 sv = _mm512_set1_ps(coef(q, n));
+          const float* ab = a + cr.rows[q] * K + k0;
+#define SG_FMA(i) a##i = _mm512_fmadd_ps(sv, _mm512_loadu_ps(ab + 16 * i), a##i);
+          SG_ACC8(SG_FMA)
+#undef SG_FMA
+        }
+        float* o = out + n * K + k0;
+#define SG_STORE(i) _mm512_storeu_ps(o + 16 * i, a##i);
+        SG_ACC8(SG_STORE)
+#undef SG_STORE
+      }
+    }
+  }
+  if (k0 < K) spmm_units(a, K, chunk, cr, c0, c1, out, coef, k0);
+}
+#endif  // SG_HAVE_MULTIVERSION
+
 // Sampled dense-dense product over the active units of rows [b0, b1) and units [n0, n1):
 // out(b, n, <a[b], w[n]>) for each active unit n of row b. `cursor[b]` walks row b's
 // ascending active chunk list across unit blocks.
@@ -202,6 +313,20 @@ SG_ALWAYS_INLINE void sddmm_block(const T* a, const T* w, int64_t K, int64_t chu
     int q = 0;
     auto flush = [&](int cnt) {
       T d[4];
+#if SG_HAVE_MULTIVERSION
+      if constexpr (std::is_same_v<T, float>) {
+        if (cpu_has_avx512()) {
+          if (cnt == 4) {
+            dot4_f32_avx512(ab, w + units[0] * K, w + units[1] * K, w + units[2] * K,
+                            w + units[3] * K, K, d);
+          } else {
+            for (int i = 0; i < cnt; ++i) d[i] = dot1_f32_avx512(ab, w + units[i] * K, K);
+          }
+          for (int i = 0; i < cnt; ++i) out(b, units[i], pairs[i], d[i]);
+          return;
+        }
+      }
+#endif
       if (cnt == 4) {
         dot4(ab, w + units[0] * K, w + units[1] * K, w + units[2] * K, w + units[3] * K, K, d);
       } else {
@@ -231,8 +356,9 @@ SG_ALWAYS_INLINE void sddmm_block(const T* a, const T* w, int64_t K, int64_t chu
 // rows [b0, b1), the whole of K.
 template <typename T, typename Coef>
 SG_ALWAYS_INLINE void spmm_rows(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
-                                int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef) {
-  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+                                int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
+                                int64_t k_begin = 0) {
+  for (int64_t k0 = k_begin; k0 < K; k0 += kKBlock) {
     const int64_t kb = std::min(kKBlock, K - k0);
     for (int64_t b = b0; b < b1; ++b) {
       T acc[kKBlock];
@@ -262,8 +388,9 @@ SG_ALWAYS_INLINE void spmm_rows(const T* w, int64_t K, int64_t chunk, const RowR
 // units [n0, n1) (whole chunks), for K blocks [k0, k1).
 template <typename T, typename Coef>
 SG_ALWAYS_INLINE void spmm_units(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
-                                 int64_t c0, int64_t c1, T* out, const Coef& coef) {
-  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+                                 int64_t c0, int64_t c1, T* out, const Coef& coef,
+                                 int64_t k_begin = 0) {
+  for (int64_t k0 = k_begin; k0 < K; k0 += kKBlock) {
     const int64_t kb = std::min(kKBlock, K - k0);
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
@@ -332,6 +459,12 @@ void sddmm(const T* a, const T* w, int64_t B, int64_t N, int64_t K, int64_t chun
 template <typename T, typename Coef>
 SG_AVX512 void spmm_rows_avx512(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
                                 int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef) {
+#if SG_HAVE_MULTIVERSION
+  if constexpr (std::is_same_v<T, float>) {
+    spmm_rows_f32_avx512(w, K, chunk, rr, b0, b1, init, out, coef);
+    return;
+  }
+#endif
   spmm_rows(w, K, chunk, rr, b0, b1, init, out, coef);
 }
 
@@ -358,6 +491,12 @@ void spmm_rows_all(const T* w, int64_t B, int64_t K, int64_t chunk, const RowRou
 template <typename T, typename Coef>
 SG_AVX512 void spmm_units_avx512(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
                                  int64_t c0, int64_t c1, T* out, const Coef& coef) {
+#if SG_HAVE_MULTIVERSION
+  if constexpr (std::is_same_v<T, float>) {
+    spmm_units_f32_avx512(a, K, chunk, cr, c0, c1, out, coef);
+    return;
+  }
+#endif
   spmm_units(a, K, chunk, cr, c0, c1, out, coef);
 }
 
