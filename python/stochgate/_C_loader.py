@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -14,19 +15,25 @@ _REBUILD = (
 )
 
 
-def _mismatch(built: str) -> ImportError:
-    return ImportError(
-        f"stochgate was built for PyTorch {built}, but PyTorch {torch.__version__} is "
-        f"installed. {_REBUILD}"
-    )
+def check_torch_version(built: str, installed: str | None = None) -> None:
+    """Raise ImportError unless the extension was built for the installed torch."""
+    installed = torch.__version__ if installed is None else installed
+    if built != installed:
+        raise ImportError(
+            f"stochgate was built for PyTorch {built}, but PyTorch {installed} is "
+            f"installed. {_REBUILD}"
+        )
 
 
 def load() -> object:
-    stamp = Path(__file__).with_name("_built_with_torch.txt")
+    # The build writes the torch version it compiled against beside _C; read it before
+    # loading the binary, whose symbols may not even resolve against another torch.
+    spec = importlib.util.find_spec("stochgate._C")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"stochgate: the compiled kernels (stochgate._C) are not installed. {_REBUILD}")
+    stamp = Path(spec.origin).with_name("_built_with_torch.txt")
     if stamp.exists():
-        built = stamp.read_text().strip()
-        if built != torch.__version__:
-            raise _mismatch(built)
+        check_torch_version(stamp.read_text().strip())
     try:
         module = importlib.import_module("stochgate._C")
     except ImportError as exc:  # undefined symbols: built against another torch
@@ -34,7 +41,5 @@ def load() -> object:
             f"stochgate: cannot load its compiled kernels (stochgate._C) with torch "
             f"{torch.__version__}: {exc}. {_REBUILD}"
         ) from exc
-    built = module.build_info()["torch_version"]
-    if built != torch.__version__:
-        raise _mismatch(built)
+    check_torch_version(module.build_info()["torch_version"])
     return module
