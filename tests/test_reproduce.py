@@ -1,0 +1,188 @@
+"""stochgate.experiments.mnist / stochgate.reproduce on a tiny synthetic IDX data set: the
+model, its gated and dense paths, the sparsity controls, the command line and its outputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stochgate
+from stochgate.experiments import mnist
+
+
+def _idx(path: Path, arr: np.ndarray) -> None:
+    raw = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw))
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> Path:
+    """240 training (200 + 40 validation) and 40 test images whose class is a bright square's
+    position: learnable in a few steps."""
+    d = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 10, n)
+        x = rng.integers(0, 40, (n, 28, 28))
+        for i, c in enumerate(y):
+            r, col = divmod(int(c), 5)
+            x[i, 4 + 10 * r : 12 + 10 * r, 2 + 5 * col : 6 + 5 * col] = 255
+        return x, y
+
+    x, y = make(240)
+    _idx(d / "train-images-idx3-ubyte.gz", x)
+    _idx(d / "train-labels-idx1-ubyte.gz", y)
+    x, y = make(40)
+    _idx(d / "t10k-images-idx3-ubyte.gz", x)
+    _idx(d / "t10k-labels-idx1-ubyte.gz", y)
+    return d
+
+
+def test_methods_cover_the_paper():
+    assert set(mnist.METHODS) == {"noisy_rectifier", "st", "st_sigmoid", "sts", "reinforce", "baseline_rectifier", "baseline_sigmoid"}
+    paper = {m.name: m.paper for m in mnist.METHODS.values()}
+    assert paper["st"] == 1.39 and paper["reinforce"] == 1.89 and paper["sts"] == 1.96
+    assert paper["noisy_rectifier"] == 1.87 and paper["baseline_rectifier"] == 1.60 and paper["baseline_sigmoid"] == 1.92
+    assert mnist.METHODS["reinforce"].gater_lr == 0.001
+    assert mnist.METHODS["reinforce"].gate_grad is None  # the training step stays sparse
+    assert mnist.METHODS["st"].gate_grad == "full" and mnist.METHODS["sts"].gate_grad == "active"
+
+
+@pytest.mark.parametrize("chunk,units,chunks", [(1, 2000, 2000), (32, 2048, 64)])
+def test_model_shapes_use_the_gated_modules(chunk, units, chunks):
+    m = mnist.ConditionalNet(mnist.METHODS["st"], chunk)
+    assert isinstance(m.main, stochgate.nn.GatedLinear) and isinstance(m.out, stochgate.nn.GatedInputLinear)
+    assert (m.units, m.num_chunks) == (units, chunks)
+    assert m.main.weight.shape == (units, 784) and m.out.weight.shape == (10, units)
+    logits, a, g = m(torch.rand(5, 784))
+    assert logits.shape == (5, 10) and a.shape == g.shape == (5, chunks)
+
+
+@pytest.mark.parametrize("name", ["st", "st_sigmoid", "sts", "noisy_rectifier", "baseline_rectifier", "baseline_sigmoid"])
+@pytest.mark.parametrize("chunk", [1, 32])
+def test_gated_matches_dense_forward_and_backward(name, chunk):
+    """The gated ops (with the method's gate_grad) give the dense model's loss and gradients:
+    "active" is exact for STS and the rectifiers because their gates' backward is 0 where
+    the gate is 0."""
+    torch.manual_seed(0)
+    method = mnist.METHODS[name]
+    grads, losses = [], []
+    x, y = torch.rand(16, 784), torch.randint(0, 10, (16,))
+    base = None
+    for dense in (False, True):
+        m = mnist.ConditionalNet(method, chunk, generator=torch.Generator().manual_seed(3))
+        if base is None:
+            base = m.state_dict()
+        m.load_state_dict(base)
+        with torch.no_grad():
+            m.gater_out.bias.fill_(0.0)  # about half the gates on
+        m.dense = dense
+        logits, a, g = m(x)
+        loss = torch.nn.functional.cross_entropy(logits, y) + mnist.sparsity_penalty(method, a, g, 0.1)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_reinforce_gates_carry_no_gradient():
+    m = mnist.ConditionalNet(mnist.METHODS["reinforce"], 1)
+    logits, a, g = m(torch.rand(4, 784))
+    assert not g.requires_grad and a.requires_grad
+    assert m.gate.baseline is not None and m.gate.baseline.num_units == 2000
+
+
+@pytest.mark.parametrize("name", ["st", "sts", "noisy_rectifier", "baseline_rectifier"])
+def test_threshold_gives_target_density(name):
+    torch.manual_seed(0)
+    m = mnist.ConditionalNet(mnist.METHODS[name], 1).eval()
+    x = torch.rand(300, 784)
+    t = mnist.choose_threshold(m, x, 0.1, batch=128)
+    assert t is not None and m.threshold == t
+    _, density = mnist.evaluate(m, x, torch.zeros(300, dtype=torch.int64), batch=128)
+    assert abs(density - 0.1) < 0.002
+
+
+def test_eval_without_threshold_raises():
+    m = mnist.ConditionalNet(mnist.METHODS["st"], 1).eval()
+    with pytest.raises(RuntimeError, match="threshold"):
+        m(torch.rand(2, 784))
+
+
+def test_adaptive_lambda():
+    lam = mnist.AdaptiveLambda(1.0, target=0.1, tol=0.01, factor=2.0, momentum=0.0)
+    lam.update(0.2)
+    assert lam.value == 2.0
+    lam.update(0.105)
+    assert lam.value == 2.0
+    lam.update(0.01)
+    assert lam.value == 1.0
+
+
+def test_max_norm():
+    m = mnist.ConditionalNet(mnist.METHODS["st"], 32)
+    with torch.no_grad():
+        m.main.weight.mul_(100)
+    mnist.max_norm_(m, 2.0)
+    assert m.main.weight.norm(dim=1).max() <= 2.0 + 1e-5
+    assert m.gater_hidden.weight.norm(dim=1).max() <= 2.0 + 1e-5
+
+
+def _run(idx_dir, out, *extra):
+    return mnist.main(["--data-dir", str(idx_dir), "--out", str(out), "--no-progress", "--epochs", "2",
+                       "--time-steps", "2", "--valid-size", "40", *extra])
+
+
+def test_cli_runs_every_method_and_writes_outputs(idx_dir, tmp_path, capsys):
+    assert _run(idx_dir, tmp_path, "--quick", "--chunk", "1", "32") == 0
+    table = capsys.readouterr().out
+    for label in ("straight-through (identity)", "noisy rectifier", "REINFORCE", "baseline sigmoid + noise (not run)"):
+        assert label in table
+    assert "1.39" in table and "1.87" in table
+    result = json.loads((tmp_path / "mnist_quick.json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 14 and {r["chunk"] for r in rows} == {1, 32}
+    for r in rows:
+        assert r["status"] == "ok" and r["epochs"] == 2 and len(r["curves"]["valid_error"]) == 2
+        assert 0 <= r["test_error"] <= 100 and 0 <= r["test_density"] <= 1
+        t = r["timing"]
+        assert t["step_ms_gated"] > 0 and t["step_ms_dense"] > 0 and t["test_pass_s_gated"] > 0
+    assert result["machine"]["cpu_count"] >= 1 and result["data"]["sizes"] == {"train": 200, "valid": 40, "test": 40}
+    assert (tmp_path / "mnist_quick_curves.png").stat().st_size > 1000
+    assert (tmp_path / "mnist_quick_table.md").read_text().startswith("| method |")
+
+
+def test_seed_repeats(idx_dir, tmp_path):
+    rows = []
+    for i in range(2):
+        assert _run(idx_dir, tmp_path / str(i), "--quick", "--methods", "st", "reinforce", "--chunk", "1", "--seed", "7") == 0
+        rows.append(json.loads((tmp_path / str(i) / "mnist_quick.json").read_text())["rows"])
+    for a, b in zip(*rows):
+        assert a["curves"]["train_loss"] == b["curves"]["train_loss"]
+        assert a["curves"]["valid_error"] == b["curves"]["valid_error"]
+        assert a["test_error"] == b["test_error"] and a["threshold"] == b["threshold"]
+
+
+def test_cli_errors(idx_dir, tmp_path, capsys):
+    assert mnist.main(["--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method(s) nope" in capsys.readouterr().err
+    assert mnist.main(["--chunk", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_data_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "stochgate.reproduce", "--data-dir", str(tmp_path / "missing"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"stochgate reproduce: error: {tmp_path / 'missing'}: no such directory"]
+    assert "Traceback" not in proc.stderr
