@@ -145,14 +145,14 @@ def _run(idx_dir, out, *extra):
 
 
 def test_cli_runs_every_method_and_writes_outputs(idx_dir, tmp_path, capsys):
-    assert _run(idx_dir, tmp_path, "--quick", "--chunk", "1", "32") == 0
+    assert _run(idx_dir, tmp_path, "--quick", "--chunk", "32", "64") == 0
     table = capsys.readouterr().out
     for label in ("straight-through (identity)", "noisy rectifier", "REINFORCE", "baseline sigmoid + noise (not run)"):
         assert label in table
     assert "1.39" in table and "1.87" in table
     result = json.loads((tmp_path / "mnist_quick.json").read_text())
     rows = result["rows"]
-    assert len(rows) == 14 and {r["chunk"] for r in rows} == {1, 32}
+    assert len(rows) == 14 and {r["chunk"] for r in rows} == {32, 64}
     for r in rows:
         assert r["status"] == "ok" and r["epochs"] == 2 and len(r["curves"]["valid_error"]) == 2
         assert 0 <= r["test_error"] <= 100 and 0 <= r["test_density"] <= 1
@@ -186,3 +186,16 @@ def test_cli_data_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"stochgate reproduce: error: {tmp_path / 'missing'}: no such directory"]
     assert "Traceback" not in proc.stderr
+
+
+def test_from_json_redraws_a_partial_run(idx_dir, tmp_path, capsys):
+    assert _run(idx_dir, tmp_path, "--quick", "--methods", "st", "--chunk", "64") == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / "mnist_quick.json").read_text())
+    row = result["rows"][0]
+    partial = {**result, "rows": [{k: row[k] for k in ("method", "label", "chunk", "units", "epochs", "curves", "valid_error")} | {"status": "running"}]}
+    (tmp_path / "p.json").write_text(json.dumps(partial))
+    assert mnist.main(["--from-json", str(tmp_path / "p.json")]) == 0
+    assert "straight-through (identity) | 64 |" in capsys.readouterr().out
+    assert (tmp_path / "p_curves.png").is_file() and (tmp_path / "p_table.md").is_file()
+    assert mnist.main(["--from-json", str(tmp_path / "nope.json")]) == 1

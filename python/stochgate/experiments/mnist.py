@@ -237,13 +237,16 @@ class ConditionalNet(nn.Module):
 
 
 def sparsity_penalty(method: Method, a: torch.Tensor, g: torch.Tensor, target: float) -> torch.Tensor:
-    """KL(s || q_i) averaged over gates, ``q_i`` the batch-mean firing probability, for the
-    sigmoid gaters; mean ``|g|`` for the rectifiers; 0 without sparsity."""
+    """``sum_i KL(s || q_i)`` over the gates, ``q_i`` the batch-mean firing probability of gate
+    ``i``, for the sigmoid gaters (summed as in sparse autoencoders: averaged, the penalty
+    starts too weak, the gater learns per-gate biases, always on or always off, and its tanh
+    layer saturates before the adaptive weight catches up); mean ``|g|`` for the rectifiers;
+    0 without sparsity."""
     if method.penalty == "kl":
         p = torch.sigmoid(a)
         q = (p.sqrt() if method.gate == "sts" else p).mean(0).clamp(1e-6, 1 - 1e-6)
         s = target
-        return (s * torch.log(s / q) + (1 - s) * torch.log((1 - s) / (1 - q))).mean()
+        return (s * torch.log(s / q) + (1 - s) * torch.log((1 - s) / (1 - q))).sum()
     if method.penalty == "l1":
         return g.abs().mean()
     return a.new_zeros(())
@@ -599,7 +602,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, default=None, help="use the first N test examples")
     p.add_argument("--time-steps", type=int, default=None, help="training steps timed per mode after training (default 50, --quick 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="train nothing: print the table of an earlier run's JSON (also a partial one) and redraw its PNG beside it")
     return p
+
+
+def _from_json(path: Path) -> int:
+    try:
+        result = json.loads(path.read_text())
+        rows = result["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"stochgate reproduce: error: {path}: not a results file ({' '.join(str(e).split())})", file=sys.stderr)
+        return 1
+    table = format_table(rows)
+    stem = path.with_suffix("")
+    stem.with_name(stem.name + "_table.md").write_text(table + "\n")
+    sizes = result.get("data", {}).get("sizes", {})
+    plot_curves(rows, stem.with_name(stem.name + "_curves.png"),
+                f"MNIST validation error, target gate density {result['config']['target_density']:g} ({sizes.get('train', '?')} training examples)")
+    print(table)
+    return 0
 
 
 def _config(args) -> Config:
@@ -645,6 +667,8 @@ def _init_distributed(device_arg: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     prog = "stochgate reproduce"
+    if args.from_json:
+        return _from_json(Path(args.from_json))
     names = list(METHODS) if args.methods == ["all"] else args.methods
     unknown = [m for m in names if m not in METHODS]
     if unknown:
