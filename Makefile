@@ -33,8 +33,10 @@ test: build
 test-fast: build
 	$(PY) -m pytest -q -ra -m "not slow"
 
+# The estimator demo, then the quick MNIST reproduction (fetches and caches MNIST first).
 demo: build
-	$(PY) -m stochgate.demo
+	$(PY) -m stochgate.cli demo
+	$(PY) -m stochgate.cli reproduce --quick --out reproduce-results
 
 clean:
 	rm -rf build $(VENV)
