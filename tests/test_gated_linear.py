@@ -94,6 +94,38 @@ def test_gated_input_linear_matches_reference(device, dtype, shape):
     _check_close(out[:4], ref64[:4], ref_low[:4], dtype, ["y", "dh", "dweight", "dbias"])
 
 
+# float32 CPU tiled kernels (csrc/cpu/gated_gemm.h): every ISA variant, the routes kept
+# behind STOCHGATE_CPU_TILED=all, and shapes that reach their K blocks (K > 1024), row blocks
+# (> 128 active rows), M blocks (M > 384), unit/row/column tails and odd chunks.
+TILED_SHAPES = [(150, 1601, 128, 2), (37, 83, 160, 2), (29, 50, 57, 3), (40, 33, 96, 2)]
+
+
+@pytest.mark.parametrize("isa", ["", "avx2", "base"])
+@pytest.mark.parametrize("tiled", ["", "all"])
+@pytest.mark.parametrize("shape", TILED_SHAPES)
+def test_cpu_tiled_kernels_float32(monkeypatch, isa, tiled, shape):
+    monkeypatch.setenv("STOCHGATE_CPU_ISA", isa)
+    monkeypatch.setenv("STOCHGATE_CPU_TILED", tiled)
+    B, K, N, C = shape
+    x, w, b, g = _data(B, K, N, C, "cpu", torch.float64, density=0.9)
+    dy = torch.randn(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    low = [t.float() for t in (x, w, b)] + [g]
+    out = _run(stochgate.gated_linear, low, dy.float(), grads=(1, 1, 1, 0))
+    ref64 = _run(R.gated_linear, [x, w, b, g], dy, grads=(1, 1, 1, 0))
+    ref_low = _run(R.gated_linear, low, dy.float(), grads=(1, 1, 1, 0))
+    _check_close(out[:4], ref64[:4], ref_low[:4], torch.float32, ["y", "dx", "dweight", "dbias"])
+    # gated_input_linear with weight (M, N) = (K, N): the N gated input units
+    h = torch.randn(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    w2 = torch.randn(K, N, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) / N**0.5
+    b2 = torch.randn(K, dtype=torch.float64)
+    dy2 = torch.randn(B, K, dtype=torch.float64)
+    low = [t.float() for t in (h, w2, b2)] + [g]
+    out = _run(stochgate.gated_input_linear, low, dy2.float(), grads=(1, 1, 1, 0))
+    ref64 = _run(R.gated_input_linear, [h, w2, b2, g], dy2, grads=(1, 1, 1, 0))
+    ref_low = _run(R.gated_input_linear, low, dy2.float(), grads=(1, 1, 1, 0))
+    _check_close(out[:4], ref64[:4], ref_low[:4], torch.float32, ["y", "dh", "dweight", "dbias"])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [1, 3, 16])
 def test_gradcheck_float64(device, C):

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -24,6 +25,7 @@
 #endif
 
 #include "../common/checks.h"
+#include "gated_gemm.h"
 
 namespace stochgate {
 namespace {
@@ -587,6 +589,327 @@ void scatter_add_gemm(const at::Tensor& packed, const ChunkRouting& cr, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------
+// float32 register-tiled kernels (gated_gemm.h): no gathered copies, rows read through the
+// chunk row lists. Each driver body is a template over the ISA trait, compiled three times
+// (AVX-512, AVX2+FMA, baseline) and picked at run time.
+
+// Pointer casts for the float32-only branches inside dtype-dispatched lambdas (dead code for
+// double, where `if constexpr` does not discard them).
+template <typename T> const float* fp(const T* p) { return reinterpret_cast<const float*>(p); }
+template <typename T> float* fpm(T* p) { return reinterpret_cast<float*>(p); }
+
+// 2: AVX-512F, 1: AVX2+FMA, 0: baseline. STOCHGATE_CPU_ISA=avx2|base lowers it (tests).
+int gg_isa() {
+#if SG_GG_MULTI
+  static const int hw = __builtin_cpu_supports("avx512f")                                ? 2
+                        : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1
+                                                                                         : 0;
+  const char* env = std::getenv("STOCHGATE_CPU_ISA");
+  if (env && std::strcmp(env, "base") == 0) return 0;
+  if (env && std::strcmp(env, "avx2") == 0) return std::min(hw, 1);
+  return hw;
+#else
+  return 0;
+#endif
+}
+
+// Which float32 products take the tiled kernels. Measured single-threaded (B=1024,
+// K=N=2048, chunk 64, d=0.1..1, noisy shared machine): the tiled gated_linear forward and
+// gated_input_linear dh / dW2 beat the gather + MKL route; the tiled gated_linear dx / dW and
+// gated_input_linear forward did not yet (L2-bound), so they stay on the gather + GEMM route
+// unless STOCHGATE_CPU_TILED=all (kept for further work and covered by the tests).
+bool gg_tiled_all() {
+  const char* env = std::getenv("STOCHGATE_CPU_TILED");
+  return env && std::strcmp(env, "all") == 0;
+}
+
+#define SG_GG_VARIANTS(NAME, ARGS)                                                        \
+  SG_GG_TARGET_AVX512 void NAME##_avx512(const ARGS& a, int64_t i0, int64_t i1) {         \
+    NAME<gg::IsaAvx512>(a, i0, i1);                                                       \
+  }                                                                                       \
+  SG_GG_TARGET_AVX2 void NAME##_avx2(const ARGS& a, int64_t i0, int64_t i1) {             \
+    NAME<gg::IsaAvx2>(a, i0, i1);                                                         \
+  }                                                                                       \
+  void NAME##_base(const ARGS& a, int64_t i0, int64_t i1) { NAME<gg::IsaBase>(a, i0, i1); } \
+  void NAME##_run(int isa, const ARGS& a, int64_t i0, int64_t i1) {                       \
+    if (isa == 2) NAME##_avx512(a, i0, i1);                                               \
+    else if (isa == 1) NAME##_avx2(a, i0, i1);                                            \
+    else NAME##_base(a, i0, i1);                                                          \
+  }
+
+// Zeroes the `width` columns at `col` of the rows of (B, ld) `out` absent from the ascending
+// list rows[0..n).
+SG_GG_INLINE void zero_inactive(float* out, int64_t B, int64_t ld, int64_t col, int64_t width,
+                                const int64_t* rows, int64_t n) {
+  int64_t i = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    if (i < n && rows[i] == b) {
+      ++i;
+    } else {
+      std::memset(out + b * ld + col, 0, width * sizeof(float));
+    }
+  }
+}
+
+// Copies the `w` columns at `col` of rows idx[q] (or q) of src (ld) into dst (n, ldd), zero
+// padded to ldd.
+SG_GG_INLINE void pack_panel(const float* src, int64_t ld, const int64_t* idx, int64_t n,
+                             int64_t col, int64_t w, float* dst, int64_t ldd) {
+  for (int64_t q = 0; q < n; ++q) {
+    const float* s = src + (idx ? idx[q] : q) * ld + col;
+    float* d = dst + q * ldd;
+    std::memcpy(d, s, w * sizeof(float));
+    std::memset(d + w, 0, (ldd - w) * sizeof(float));
+  }
+}
+
+// gated_linear forward, dot form, per chunk: y[b, chunk c] = g * (x[b] . W[chunk c] + bias).
+struct GlFwdArgs {
+  const float* x;
+  const float* w;
+  const float* bias;
+  float* y;
+  int64_t B, K, N, chunk;
+  const ChunkRouting* cr;
+};
+
+template <class Isa>
+SG_GG_INLINE void gl_fwd_chunks(const GlFwdArgs& a, int64_t c0, int64_t c1) {
+  using V = typename Isa::V;
+  constexpr int DR = Isa::DR, DU = Isa::DU, L = gg::VecInfo<V>::L;
+  const int64_t K = a.K, N = a.N, chunk = a.chunk;
+  // K blocks: a unit group's weights (DU rows x KB) stay in L1 while the chunk's row tiles
+  // stream past (from L2); vector partial sums carried across blocks in `part`.
+  constexpr int64_t KB = std::max<int64_t>(L, (24 << 10) / (DU * 4) / L * L);
+  const int64_t nkb = std::max<int64_t>(1, (K + KB - 1) / KB);
+  std::vector<float> part;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t off = a.cr->offsets[c], n = a.cr->offsets[c + 1] - off;
+    const int64_t* rows = a.cr->rows.data() + off;
+    const double* gate = a.cr->gate.data() + off;
+    zero_inactive(a.y, a.B, N, c * chunk, chunk, rows, n);
+    if (n == 0) continue;
+    // Row blocks: the block's x rows (RB x KB) stay in L2 across the unit groups.
+    const int64_t RB = std::max<int64_t>(DR, (int64_t(512) << 10) / (std::min(K, KB) * 4) / DR * DR);
+    if (nkb > 1) part.resize(((std::min(n, RB) + DR - 1) / DR) * DR * DU * L);
+    for (int64_t rb = 0; rb < n; rb += RB) {
+      const int64_t re = std::min(n, rb + RB);
+      for (int64_t u0 = 0; u0 < chunk; u0 += DU) {
+        const int nu = static_cast<int>(std::min<int64_t>(DU, chunk - u0));
+        const float* wr[DU];
+        for (int u = 0; u < nu; ++u) wr[u] = a.w + (c * chunk + u0 + u) * K;
+        const float* bc = a.bias ? a.bias + c * chunk + u0 : nullptr;
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+          const int64_t k0 = kb * KB, k1 = std::min(K, k0 + KB);
+          const bool last = kb == nkb - 1;
+          for (int64_t i0 = rb; i0 < re; i0 += DR) {
+            const int nr = static_cast<int>(std::min<int64_t>(DR, re - i0));
+            const float* xr[DR];
+            for (int r = 0; r < nr; ++r) xr[r] = a.x + rows[i0 + r] * K;
+            float out[DR * DU];
+            float* pt = nkb > 1 ? part.data() + (i0 - rb) * DU * L : nullptr;
+            gg::dot_pick<V, DR, DU>(nr, nu, xr, wr, k0, k1, pt, kb > 0, last, out);
+            if (!last) continue;
+            for (int r = 0; r < nr; ++r) {
+              const float g = static_cast<float>(gate[i0 + r]);
+              float* yr = a.y + rows[i0 + r] * N + c * chunk + u0;
+              for (int u = 0; u < nu; ++u) yr[u] = g * (bc ? out[r * nu + u] + bc[u] : out[r * nu + u]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+SG_GG_VARIANTS(gl_fwd_chunks, GlFwdArgs)
+
+// Column block (a multiple of 64) for drivers that accumulate into (B, block) slabs of an
+// output: about 1 MB per slab, and at least one block per thread.
+int64_t slab_block(int64_t B, int64_t cols) {
+  const int64_t panels = (cols + 63) / 64;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_cache = std::max<int64_t>(1, (int64_t(1) << 20) / (std::max<int64_t>(B, 1) * 4 * 64));
+  const int64_t by_par = std::max<int64_t>(1, (panels + threads - 1) / threads);
+  return 64 * std::min(by_cache, by_par);
+}
+
+// out[b, k-block] (+)= sum over the active chunks c of b, in ascending order, of
+// A_c[b] (chunk) @ Bm_c (chunk, cols). Used for gated_linear's dx (A = packed g*dy, Bm = W
+// block rows, strided) and gated_input_linear's forward (A = h rows, Bm = packed W2^T).
+struct ScatterArgs {
+  const float* a;   // packed (pairs, chunk) if a_rows_packed, else (B, lda) at column c*chunk
+  int64_t lda;
+  bool a_packed;
+  const float* bm;  // (N-ish, cols) row-major with ldb; rows c*chunk + j
+  int64_t ldb;
+  bool pack_bt;     // Bm_c is the transpose of bm[:, c*chunk + j] (gated_input_linear)
+  const float* init;  // (cols,) initial value of every row, or null (zeros)
+  float* out;
+  int64_t B, cols, chunk, C, block;
+  const ChunkRouting* cr;
+};
+
+template <class Isa>
+SG_GG_INLINE void scatter_blocks(const ScatterArgs& a, int64_t blk0, int64_t blk1) {
+  using V = typename Isa::V;
+  constexpr int MR = Isa::MR, NV = Isa::NV, L = gg::VecInfo<V>::L, PW = NV * L;
+  const int64_t chunk = a.chunk, cols = a.cols;
+  std::vector<float> buf(chunk * PW);
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t k0 = blk * a.block, k1 = std::min(cols, k0 + a.block), kw = k1 - k0;
+    for (int64_t b = 0; b < a.B; ++b) {
+      float* o = a.out + b * cols + k0;
+      if (a.init) std::memcpy(o, a.init + k0, kw * sizeof(float));
+      else std::memset(o, 0, kw * sizeof(float));
+    }
+    for (int64_t c = 0; c < a.C; ++c) {
+      const int64_t off = a.cr->offsets[c], n = a.cr->offsets[c + 1] - off;
+      if (n == 0) continue;
+      const int64_t* rows = a.cr->rows.data() + off;
+      for (int64_t kp = k0; kp < k1; kp += PW) {
+        const int w = static_cast<int>(std::min<int64_t>(PW, k1 - kp));
+        const int nv = (w + L - 1) / L;
+        // Contiguous (chunk, PW) copy of the B panel: L1-resident for all row tiles (the
+        // strided original maps to a few L1 sets).
+        if (a.pack_bt) {  // buf[j, t] = bm[kp + t, c*chunk + j]
+          if (w < PW) std::fill(buf.begin(), buf.end(), 0.f);
+          for (int t = 0; t < w; ++t) {
+            const float* src = a.bm + (kp + t) * a.ldb + c * chunk;
+            for (int64_t j = 0; j < chunk; ++j) buf[j * PW + t] = src[j];
+          }
+        } else {
+          pack_panel(a.bm + c * chunk * a.ldb, a.ldb, nullptr, chunk, kp, w, buf.data(), PW);
+        }
+        for (int64_t i0 = 0; i0 < n; i0 += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, n - i0));
+          const float* ar[MR];
+          float* cp[MR];
+          for (int i = 0; i < mr; ++i) {
+            ar[i] = a.a_packed ? a.a + (off + i0 + i) * chunk : a.a + rows[i0 + i] * a.lda + c * chunk;
+            cp[i] = a.out + rows[i0 + i] * cols + kp;
+          }
+          gg::outer_rows_pick<V, MR, NV, true>(mr, nv, chunk, ar, buf.data(), PW, cp, w);
+        }
+      }
+    }
+  }
+}
+SG_GG_VARIANTS(scatter_blocks, ScatterArgs)
+
+// out[u-rows, cols] = sum_q A(q)[u] * Bq[cols], per chunk (outputs of different chunks are
+// disjoint): gated_linear's dW (A = packed g*dy, B = x rows) and gated_input_linear's dW2
+// (A = dy rows, B = h rows at the chunk's columns).
+struct GatherArgs {
+  const float* a;
+  int64_t lda;
+  bool a_by_row;     // A(q) = a + rows[q] * lda + u (dy rows) else a + (off + q) * lda + u
+  int64_t a_rows;    // number of output rows per chunk (chunk for dW, M for dW2)
+  bool a_chunk_major;  // dW: output rows are c*chunk + u; dW2: output rows u, cols c*chunk + j
+  const float* b;
+  int64_t ldb;
+  int64_t b_cols;    // reduction-free width: K for dW, chunk for dW2
+  float* out;
+  int64_t ldo;
+  int64_t chunk;
+  const ChunkRouting* cr;
+};
+
+template <class Isa>
+SG_GG_INLINE void gather_chunks(const GatherArgs& a, int64_t c0, int64_t c1) {
+  using V = typename Isa::V;
+  constexpr int MR = Isa::MR, NV = Isa::NV, L = gg::VecInfo<V>::L, PW = NV * L;
+  constexpr int64_t MB = 8 * MR;  // A block (rows-form A is packed per block of MB columns)
+  const int64_t chunk = a.chunk;
+  std::vector<float> bbuf, abuf;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t off = a.cr->offsets[c], n = a.cr->offsets[c + 1] - off;
+    const int64_t* rows = a.cr->rows.data() + off;
+    // output block: rows [r0, r0 + a_rows), columns [col0, col0 + b_cols)
+    const int64_t r0 = a.a_chunk_major ? c * chunk : 0;
+    const int64_t col0 = a.a_chunk_major ? 0 : c * chunk;
+    const int64_t bcol0 = a.a_chunk_major ? 0 : c * chunk;  // column of B's rows
+    if (n == 0) {
+      for (int64_t r = r0; r < r0 + a.a_rows; ++r)
+        std::memset(a.out + r * a.ldo + col0, 0, a.b_cols * sizeof(float));
+      continue;
+    }
+    bbuf.resize(n * PW);
+    if (a.a_by_row) abuf.resize(n * MB);
+    for (int64_t kp = 0; kp < a.b_cols; kp += PW) {
+      const int w = static_cast<int>(std::min<int64_t>(PW, a.b_cols - kp));
+      const int nv = (w + L - 1) / L;
+      pack_panel(a.b, a.ldb, rows, n, bcol0 + kp, w, bbuf.data(), PW);
+      for (int64_t ub = 0; ub < a.a_rows; ub += MB) {
+        const int64_t ube = std::min(a.a_rows, ub + MB);
+        const float* abase;
+        int64_t lda;
+        if (a.a_by_row) {
+          pack_panel(a.a, a.lda, rows, n, ub, ube - ub, abuf.data(), MB);
+          abase = abuf.data() - ub;
+          lda = MB;
+        } else {
+          abase = a.a + off * a.lda;
+          lda = a.lda;
+        }
+        for (int64_t u0 = ub; u0 < ube; u0 += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, ube - u0));
+          float* cp[MR];
+          for (int i = 0; i < mr; ++i) cp[i] = a.out + (r0 + u0 + i) * a.ldo + col0 + kp;
+          gg::outer_gather_pick<V, MR, NV>(mr, nv, n, abase + u0, lda, nullptr, bbuf.data(), PW,
+                                           nullptr, cp, w);
+        }
+      }
+    }
+  }
+}
+SG_GG_VARIANTS(gather_chunks, GatherArgs)
+
+// gated_input_linear's dh: dh[b, chunk c] = dy[b] @ W2[:, chunk c] on active pairs, zero
+// elsewhere.
+struct DhArgs {
+  const float* dy;
+  const float* w2;
+  float* dh;
+  int64_t B, N, M, chunk;
+  const ChunkRouting* cr;
+};
+
+template <class Isa>
+SG_GG_INLINE void dh_chunks(const DhArgs& a, int64_t c0, int64_t c1) {
+  using V = typename Isa::V;
+  constexpr int MR = Isa::MR, NV = Isa::NV, L = gg::VecInfo<V>::L, PW = NV * L;
+  constexpr int64_t MB = (24 << 10) / (PW * 4);  // packed W2 block rows kept in L1
+  const int64_t chunk = a.chunk, N = a.N, M = a.M;
+  std::vector<float> buf(M * PW);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t off = a.cr->offsets[c], n = a.cr->offsets[c + 1] - off;
+    const int64_t* rows = a.cr->rows.data() + off;
+    zero_inactive(a.dh, a.B, N, c * chunk, chunk, rows, n);
+    if (n == 0) continue;
+    for (int64_t i = 0; i < n; ++i) std::memset(a.dh + rows[i] * N + c * chunk, 0, chunk * sizeof(float));
+    for (int64_t jp = 0; jp < chunk; jp += PW) {
+      const int w = static_cast<int>(std::min<int64_t>(PW, chunk - jp));
+      const int nv = (w + L - 1) / L;
+      pack_panel(a.w2, N, nullptr, M, c * chunk + jp, w, buf.data(), PW);
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t mb = std::min(MB, M - m0);
+        for (int64_t i0 = 0; i0 < n; i0 += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, n - i0));
+          const float* ar[MR];
+          float* cp[MR];
+          for (int i = 0; i < mr; ++i) {
+            ar[i] = a.dy + rows[i0 + i] * M + m0;
+            cp[i] = a.dh + rows[i0 + i] * N + c * chunk + jp;
+          }
+          gg::outer_rows_pick<V, MR, NV, true>(mr, nv, mb, ar, buf.data() + m0 * PW, PW, cp, w);
+        }
+      }
+    }
+  }
+}
+SG_GG_VARIANTS(dh_chunks, DhArgs)
+
+// ---------------------------------------------------------------------------------------
 // Input checks (once, at the op boundary).
 
 void check_gated_inputs(const char* op, const at::Tensor& a, const char* a_name,
@@ -667,6 +990,12 @@ at::Tensor gated_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
       return;
     }
     const ChunkRouting cr = route_chunks(rr, C);
+    if constexpr (std::is_same_v<T, float>) {
+      const GlFwdArgs args{fp(px), fp(pw), fp(pb), fpm(py), B, K, N, chunk, &cr};
+      const int isa = gg_isa();
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { gl_fwd_chunks_run(isa, args, c0, c1); });
+      return;
+    }
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       auto xg = at::empty({std::max<int64_t>(cr.max_rows, 1), K}, x.options());
       auto pg = at::empty({std::max<int64_t>(cr.max_rows, 1), chunk}, x.options());
@@ -797,11 +1126,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
       }
       return;
     }
-    if (need_dx) {
+    bool dw_done = false, dx_done = false;
+    if constexpr (std::is_same_v<T, float>) {
+      const int isa = gg_isa();
+      const bool tiled = gg_tiled_all();
+      if (need_dx && tiled) {
+        dx_done = true;
+        const int64_t block = slab_block(B, K);
+        const ScatterArgs args{fp(pdp), chunk, true, fp(pw), K, false, nullptr, dx.mutable_data_ptr<float>(),
+                               B, K, chunk, C, block, &cr};
+        at::parallel_for(0, (K + block - 1) / block, 1, [&](int64_t k0, int64_t k1) {
+          scatter_blocks_run(isa, args, k0, k1);
+        });
+      }
+      if (need_dw && tiled) {
+        const GatherArgs args{fp(pdp), chunk, false, chunk, true, fp(px), K, K,
+                              dw.mutable_data_ptr<float>(), K, chunk, &cr};
+        at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { gather_chunks_run(isa, args, c0, c1); });
+        dw_done = true;
+      }
+    }
+    if (need_dx && !dx_done) {
       scatter_add_gemm<T>(dp, cr, B, K, nullptr, dx,
                           [&](int64_t c) { return w.narrow(0, c * chunk, chunk); });
     }
-    if (need_dw || need_active_dg) {
+    if ((need_dw && !dw_done) || need_active_dg) {
       // Map chunk-ordered pairs back to row-ordered pair indices for dg_active.
       std::vector<int64_t> pair_of;
       if (need_active_dg) {
@@ -818,7 +1167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t off = cr.offsets[c], n = cr.offsets[c + 1] - off;
           if (n == 0) {
-            if (need_dw) dw.narrow(0, c * chunk, chunk).zero_();
+            if (need_dw && !dw_done) dw.narrow(0, c * chunk, chunk).zero_();
             continue;
           }
           at::Tensor xs;
@@ -828,7 +1177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
             gather_rows(px, K, cr.rows.data() + off, n, pxg);
             xs = xg.narrow(0, 0, n);
           }
-          if (need_dw) {
+          if (need_dw && !dw_done) {
             auto dwc = dw.narrow(0, c * chunk, chunk);
             at::mm_out(dwc, dp.narrow(0, off, n).t(), xs);
           }
@@ -899,6 +1248,16 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
       return;
     }
     const ChunkRouting cr = route_chunks(rr, C);
+    if (std::is_same_v<T, float> && gg_tiled_all()) {
+      const int64_t block = slab_block(B, M);
+      const ScatterArgs args{fp(ph), N, false, w.const_data_ptr<float>(), N, true, fp(pb),
+                             y.mutable_data_ptr<float>(), B, M, chunk, C, block, &cr};
+      const int isa = gg_isa();
+      at::parallel_for(0, (M + block - 1) / block, 1, [&](int64_t m0, int64_t m1) {
+        scatter_blocks_run(isa, args, m0, m1);
+      });
+      return;
+    }
     auto hp = pack_pairs<T>(h, cr, chunk, /*scale=*/false);
     scatter_add_gemm<T>(hp, cr, B, M, pb, y,
                         [&](int64_t c) { return w.narrow(1, c * chunk, chunk).t(); });
@@ -956,6 +1315,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
           return ph[cr.rows[q] * N + n];
         });
         dw.copy_(dwt.t());
+      }
+      return;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      const int isa = gg_isa();
+      const float* pw2 = w.const_data_ptr<float>();
+      if (need_dh) {
+        const DhArgs args{fp(pdy), pw2, dh.mutable_data_ptr<float>(), B, N, M, chunk, &cr};
+        at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { dh_chunks_run(isa, args, c0, c1); });
+      }
+      if (need_dw) {
+        const GatherArgs args{fp(pdy), M, true, M, false, fp(ph), N, chunk, dw.mutable_data_ptr<float>(),
+                              N, chunk, &cr};
+        at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { gather_chunks_run(isa, args, c0, c1); });
       }
       return;
     }

@@ -1,0 +1,368 @@
+// Register-tiled float32 micro-kernels of the gated matmuls (csrc/cpu/gated_linear.cpp),
+// written once with GCC vector extensions and instantiated per ISA: the drivers are
+// templates over an ISA trait (vector width and tile shape) called from functions compiled
+// with target("avx512f,...") / target("avx2,fma") / the baseline, picked at run time.
+//
+// Two forms, both reading rows of the operands through the per-chunk row lists (no gathered
+// copies of x or h):
+// - dot form (long reduction, short outputs): a tile of DR rows x DU units keeps DR*DU
+//   vector accumulators over K, horizontally reduced once at the end (shuffle tree);
+// - outer-product form: a tile of MR rows x NV vectors of columns, per reduction step MR
+//   broadcasts, NV vector loads, MR*NV FMAs.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+
+#define SG_GG_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SG_GG_MULTI 1
+#define SG_GG_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define SG_GG_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define SG_GG_MULTI 0
+#define SG_GG_TARGET_AVX512
+#define SG_GG_TARGET_AVX2
+#endif
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace stochgate {
+namespace gg {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef int32_t i8v __attribute__((vector_size(32)));
+typedef int32_t i4v __attribute__((vector_size(16)));
+
+template <class V> struct VecInfo;
+template <> struct VecInfo<v16> { using I = i16v; static constexpr int L = 16; };
+template <> struct VecInfo<v8> { using I = i8v; static constexpr int L = 8; };
+template <> struct VecInfo<v4> { using I = i4v; static constexpr int L = 4; };
+
+// ISA traits: vector type, dot tile (DR rows x DU units), outer tile (MR rows x NV vectors).
+struct IsaAvx512 { using V = v16; static constexpr int DR = 4, DU = 6, MR = 6, NV = 4; };
+struct IsaAvx2 { using V = v8; static constexpr int DR = 3, DU = 4, MR = 6, NV = 2; };
+struct IsaBase { using V = v4; static constexpr int DR = 3, DU = 4, MR = 6, NV = 2; };
+
+template <class V> SG_GG_INLINE V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <class V> SG_GG_INLINE void vstore(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+// Broadcast of a scalar in memory. GCC 12 lowers the portable spellings (`V{} + s`,
+// `V{s, s, ...}`, a zero-mask shuffle) of a 64-byte vector to a scalar add plus a port-5
+// shuffle, 16 masked lane inserts, or a trip through the stack. One vbroadcastss from memory
+// is a pure load uop; asm carries no target check, and each width is only instantiated in
+// drivers compiled for its ISA (AVX-512F for 16 lanes, AVX for 8).
+template <class V> SG_GG_INLINE V vbcast(const float* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (VecInfo<V>::L == 16) {
+    V r;
+    asm("vbroadcastss %1, %0" : "=v"(r) : "m"(*p));
+    return r;
+  } else if constexpr (VecInfo<V>::L == 8) {
+    V r;
+    asm("vbroadcastss %1, %0" : "=x"(r) : "m"(*p));
+    return r;
+  }
+#endif
+  return V{} + *p;
+}
+
+// One level of the horizontal-sum tree: lanes of a and b hold partial sums of L/(2S) outputs
+// each, in groups of 2S lanes; the result holds twice as many outputs in groups of S lanes
+// (a's outputs in the low half, b's in the high half).
+template <class V, int S> SG_GG_INLINE V hcombine(V a, V b) {
+  constexpr int L = VecInfo<V>::L;
+  using I = typename VecInfo<V>::I;
+  I m1, m2;
+#pragma GCC unroll 16
+  for (int l = 0; l < L; ++l) {
+    const int t = l < L / 2 ? l : l - L / 2;
+    const int idx = (t / S) * 2 * S + t % S + (l < L / 2 ? 0 : L);
+    m1[l] = idx;
+    m2[l] = idx + S;
+  }
+  return __builtin_shuffle(a, b, m1) + __builtin_shuffle(a, b, m2);
+}
+
+// out[i] = sum of the lanes of acc[i], i < n (n <= L); lanes of missing vectors are zero.
+template <class V, int n> SG_GG_INLINE V hsum_group(const V* acc) {
+  constexpr int L = VecInfo<V>::L;
+  V t[L];
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) t[i] = i < n ? acc[i] : V{};
+  int cnt = L;
+  if constexpr (L >= 16) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 8; ++i) t[i] = hcombine<V, 8>(t[2 * i], t[2 * i + 1]);
+  }
+  if constexpr (L >= 8) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 4; ++i) t[i] = hcombine<V, 4>(t[2 * i], t[2 * i + 1]);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 2; ++i) t[i] = hcombine<V, 2>(t[2 * i], t[2 * i + 1]);
+  (void)cnt;
+  return hcombine<V, 1>(t[0], t[1]);
+}
+
+template <class V, int n> SG_GG_INLINE void hsum_all(const V* acc, float* out) {
+  constexpr int L = VecInfo<V>::L;
+  if constexpr (n > 0) {
+    constexpr int m = n < L ? n : L;
+    const V s = hsum_group<V, m>(acc);
+    float tmp[L];
+    vstore(tmp, s);
+#pragma GCC unroll 16
+    for (int i = 0; i < m; ++i) out[i] = tmp[i];
+    if constexpr (n > L) hsum_all<V, n - L>(acc + L, out + L);
+  }
+}
+
+// Dot tile over k in [k0, k1) (k1 - k0 a multiple of L unless `last`): accumulators start
+// from part (if load) or zero; if last, out[r * NU + u] = <x[r][0:k1), w[u][0:k1)> (horizontal
+// sums, scalar K tail), else the vector partial sums are stored to part.
+template <class V, int NR, int NU>
+SG_GG_INLINE void dot_tile(const float* const* xr, const float* const* wr, int64_t k0, int64_t k1,
+                           float* part, bool load, bool last, float* out) {
+  constexpr int L = VecInfo<V>::L;
+  V acc[NR * NU];
+  if (load) {
+#pragma GCC unroll 32
+    for (int i = 0; i < NR * NU; ++i) acc[i] = vload<V>(part + i * L);
+  } else {
+#pragma GCC unroll 32
+    for (int i = 0; i < NR * NU; ++i) acc[i] = V{};
+  }
+  const float* xp[NR];
+  const float* wp[NU];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) xp[r] = xr[r];
+#pragma GCC unroll 8
+  for (int u = 0; u < NU; ++u) wp[u] = wr[u];
+  const int64_t kv = k1 - (k1 - k0) % L;
+  for (int64_t k = k0; k < kv; k += L) {
+    V xv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) xv[r] = vload<V>(xp[r] + k);
+#pragma GCC unroll 8
+    for (int u = 0; u < NU; ++u) {
+      const V wv = vload<V>(wp[u] + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[r * NU + u] += xv[r] * wv;
+    }
+  }
+  if (!last) {
+#pragma GCC unroll 32
+    for (int i = 0; i < NR * NU; ++i) vstore(part + i * L, acc[i]);
+    return;
+  }
+  hsum_all<V, NR * NU>(acc, out);
+  if (kv < k1) {
+    for (int r = 0; r < NR; ++r) {
+      for (int u = 0; u < NU; ++u) {
+        float s = 0.f;
+        for (int64_t k = kv; k < k1; ++k) s += xp[r][k] * wp[u][k];
+        out[r * NU + u] += s;
+      }
+    }
+  }
+}
+
+// Outer-product tile, A by rows: acc[i][v] = sum_p a[i][p] * b[p * ldb + v * L].
+template <class V, int MR, int NV>
+SG_GG_INLINE void outer_rows(int64_t P, const float* const* a, const float* b, int64_t ldb,
+                             V (&out)[MR][NV]) {
+  V acc[MR][NV];
+  constexpr int L = VecInfo<V>::L;
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  }
+  const float* ap[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) ap[i] = a[i];
+  for (int64_t p = 0; p < P; ++p) {
+    V bv[NV];
+    const float* bp = b + p * ldb;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = vload<V>(bp + v * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const V av = vbcast<V>(ap[i] + p);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) out[i][v] = acc[i][v];
+  }
+}
+
+// Outer-product tile, A and B by reduction index q through optional row lists:
+// acc[i][v] = sum_q A(q)[i] * B(q)[v * L], A(q) = a + (ai ? ai[q] : q) * lda,
+// B(q) = b + (bi ? bi[q] : q) * ldb.
+template <class V, int MR, int NV>
+SG_GG_INLINE void outer_gather(int64_t P, const float* a, int64_t lda, const int64_t* ai,
+                               const float* b, int64_t ldb, const int64_t* bi, V (&out)[MR][NV]) {
+  V acc[MR][NV];
+  constexpr int L = VecInfo<V>::L;
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  }
+  for (int64_t q = 0; q < P; ++q) {
+    const float* ap = a + (ai ? ai[q] : q) * lda;
+    const float* bp = b + (bi ? bi[q] : q) * ldb;
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = vload<V>(bp + v * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const V av = vbcast<V>(ap + i);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) out[i][v] = acc[i][v];
+  }
+}
+
+// Writes (ADD: adds) the first `ncols` columns of acc row i to c[i] (all NV*L if ncols is
+// full), rows i < MR.
+template <class V, int MR, int NV, bool ADD>
+SG_GG_INLINE void tile_out(const V (&acc)[MR][NV], float* const* c, int ncols) {
+  constexpr int L = VecInfo<V>::L;
+  if (ncols == NV * L) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        V r = acc[i][v];
+        if (ADD) r += vload<V>(c[i] + v * L);
+        vstore(c[i] + v * L, r);
+      }
+    }
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    float tmp[NV * L];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(tmp + v * L, acc[i][v]);
+    if (ADD) {
+      for (int j = 0; j < ncols; ++j) c[i][j] += tmp[j];
+    } else {
+      std::memcpy(c[i], tmp, ncols * sizeof(float));
+    }
+  }
+}
+
+}  // namespace gg
+}  // namespace stochgate
+
+#pragma GCC diagnostic pop
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace stochgate {
+namespace gg {
+
+// Run-time tile shapes -> compile-time kernels (tails of rows/units/columns).
+#define SG_GG_DOT_ARGS const float *const *xr, const float *const *wr, int64_t k0, int64_t k1, \
+                       float *part, bool load, bool last, float *out
+#define SG_GG_DOT_PASS xr, wr, k0, k1, part, load, last, out
+template <class V, int NR, int NU>
+SG_GG_INLINE void dot_pick_u(int nu, SG_GG_DOT_ARGS) {
+  if constexpr (NU >= 1) {
+    if (nu == NU) {
+      dot_tile<V, NR, NU>(SG_GG_DOT_PASS);
+      return;
+    }
+    dot_pick_u<V, NR, NU - 1>(nu, SG_GG_DOT_PASS);
+  }
+}
+template <class V, int NR, int NU>
+SG_GG_INLINE void dot_pick(int nr, int nu, SG_GG_DOT_ARGS) {
+  if constexpr (NR >= 1) {
+    if (nr == NR) {
+      dot_pick_u<V, NR, NU>(nu, SG_GG_DOT_PASS);
+      return;
+    }
+    dot_pick<V, NR - 1, NU>(nr, nu, SG_GG_DOT_PASS);
+  }
+}
+
+// Outer-product tile with rows-form A, written (ADD: added) to c.
+template <class V, int MR, int NV, bool ADD>
+SG_GG_INLINE void outer_rows_pick_v(int nv, int64_t P, const float* const* a, const float* b,
+                                    int64_t ldb, float* const* c, int ncols) {
+  if constexpr (NV >= 1) {
+    if (nv == NV) {
+      V acc[MR][NV];
+      outer_rows<V, MR, NV>(P, a, b, ldb, acc);
+      tile_out<V, MR, NV, ADD>(acc, c, ncols);
+      return;
+    }
+    outer_rows_pick_v<V, MR, NV - 1, ADD>(nv, P, a, b, ldb, c, ncols);
+  }
+}
+template <class V, int MR, int NV, bool ADD>
+SG_GG_INLINE void outer_rows_pick(int mr, int nv, int64_t P, const float* const* a,
+                                  const float* b, int64_t ldb, float* const* c, int ncols) {
+  if constexpr (MR >= 1) {
+    if (mr == MR) {
+      outer_rows_pick_v<V, MR, NV, ADD>(nv, P, a, b, ldb, c, ncols);
+      return;
+    }
+    outer_rows_pick<V, MR - 1, NV, ADD>(mr, nv, P, a, b, ldb, c, ncols);
+  }
+}
+
+// Outer-product tile with gather-form A and B, stored to c.
+template <class V, int MR, int NV>
+SG_GG_INLINE void outer_gather_pick_v(int nv, int64_t P, const float* a, int64_t lda,
+                                      const int64_t* ai, const float* b, int64_t ldb,
+                                      const int64_t* bi, float* const* c, int ncols) {
+  if constexpr (NV >= 1) {
+    if (nv == NV) {
+      V acc[MR][NV];
+      outer_gather<V, MR, NV>(P, a, lda, ai, b, ldb, bi, acc);
+      tile_out<V, MR, NV, false>(acc, c, ncols);
+      return;
+    }
+    outer_gather_pick_v<V, MR, NV - 1>(nv, P, a, lda, ai, b, ldb, bi, c, ncols);
+  }
+}
+template <class V, int MR, int NV>
+SG_GG_INLINE void outer_gather_pick(int mr, int nv, int64_t P, const float* a, int64_t lda,
+                                    const int64_t* ai, const float* b, int64_t ldb,
+                                    const int64_t* bi, float* const* c, int ncols) {
+  if constexpr (MR >= 1) {
+    if (mr == MR) {
+      outer_gather_pick_v<V, MR, NV>(nv, P, a, lda, ai, b, ldb, bi, c, ncols);
+      return;
+    }
+    outer_gather_pick<V, MR - 1, NV>(mr, nv, P, a, lda, ai, b, ldb, bi, c, ncols);
+  }
+}
+
+}  // namespace gg
+}  // namespace stochgate
+
+#pragma GCC diagnostic pop
