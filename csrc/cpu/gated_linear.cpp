@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -623,6 +625,16 @@ bool gg_tiled_all() {
   return env && std::strcmp(env, "all") == 0;
 }
 
+// gated_linear forward: a chunk with at least this many active rows takes one MKL GEMM over
+// all B rows of x (no gather; inactive rows computed and dropped) instead of the dot kernel.
+// STOCHGATE_CPU_TILED=all: never (the dot kernel everywhere, for the tests).
+int64_t gl_fwd_mm_min_rows(int64_t B) {
+  if (gg_tiled_all()) return std::numeric_limits<int64_t>::max();
+  const char* env = std::getenv("STOCHGATE_GL_MM_FRAC");
+  const double frac = env ? std::atof(env) : 0.7;
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(frac * B)));
+}
+
 #define SG_GG_VARIANTS(NAME, ARGS)                                                        \
   SG_GG_TARGET_AVX512 void NAME##_avx512(const ARGS& a, int64_t i0, int64_t i1) {         \
     NAME<gg::IsaAvx512>(a, i0, i1);                                                       \
@@ -993,7 +1005,44 @@ at::Tensor gated_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
     if constexpr (std::is_same_v<T, float>) {
       const GlFwdArgs args{fp(px), fp(pw), fp(pb), fpm(py), B, K, N, chunk, &cr};
       const int isa = gg_isa();
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { gl_fwd_chunks_run(isa, args, c0, c1); });
+      const int64_t mm_min = gl_fwd_mm_min_rows(B);
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1;) {
+          if (cr.offsets[c + 1] - cr.offsets[c] < mm_min) {
+            gl_fwd_chunks_run(isa, args, c, c + 1);
+            ++c;
+            continue;
+          }
+          // A run of dense chunks: one GEMM over every row of x straight into y's columns
+          // (inactive rows computed and discarded; MKL needs the width: 64 columns run at
+          // about 60% of its wide speed), then gate + bias on the active rows, zeros elsewhere.
+          int64_t ce = c + 1;
+          while (ce < c1 && cr.offsets[ce + 1] - cr.offsets[ce] >= mm_min) ++ce;
+          auto yc = y.narrow(1, c * chunk, (ce - c) * chunk);
+          at::mm_out(yc, x, w.narrow(0, c * chunk, (ce - c) * chunk).t());
+          for (; c < ce; ++c) {
+          const int64_t off = cr.offsets[c], n = cr.offsets[c + 1] - off;
+          const int64_t* rows = cr.rows.data() + off;
+          const float* bc = pb ? fp(pb) + c * chunk : nullptr;
+          float* y0 = fpm(py) + c * chunk;
+          int64_t i = 0;
+          for (int64_t b = 0; b < B; ++b) {
+            float* yb = y0 + b * N;
+            if (i < n && rows[i] == b) {
+              const float g = static_cast<float>(cr.gate[off + i]);
+              if (bc) {
+                for (int64_t j = 0; j < chunk; ++j) yb[j] = g * (yb[j] + bc[j]);
+              } else {
+                for (int64_t j = 0; j < chunk; ++j) yb[j] *= g;
+              }
+              ++i;
+            } else {
+              std::memset(yb, 0, chunk * sizeof(float));
+            }
+          }
+          }
+        }
+      });
       return;
     }
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
