@@ -344,7 +344,12 @@ class _Trainer:
             [{"params": gater, "lr": method.gater_lr or cfg.lr}, {"params": rest, "lr": cfg.lr}], lr=cfg.lr
         )
         init = {"kl": 1.0, "l1": 0.1}.get(method.penalty, 0.0)
-        self.lam = AdaptiveLambda(init, cfg.target_density, cfg.tolerance, cfg.lambda_factor)
+        # The KL penalty is two-sided (it also pushes a too-low density up), so lowering its
+        # weight below the start only removes that push: a gater that switched everything off
+        # early (STS does, shrinking the noisy signal sqrt(p)) then never comes back. It
+        # floors at its initial value; the one-sided L1 weight may fall freely.
+        floor = init if method.penalty == "kl" else 1e-6
+        self.lam = AdaptiveLambda(init, cfg.target_density, cfg.tolerance, cfg.lambda_factor, bounds=(floor, 1e6))
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, adapt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         m, method = self.model, self.method
