@@ -129,10 +129,12 @@ template <class V, int n> SG_GG_INLINE void hsum_all(const V* acc, float* out) {
 
 // Dot tile over k in [k0, k1) (k1 - k0 a multiple of L unless `last`): accumulators start
 // from part (if load) or zero; if last, out[r * NU + u] = <x[r][0:k1), w[u][0:k1)> (horizontal
-// sums, scalar K tail), else the vector partial sums are stored to part.
-template <class V, int NR, int NU>
+// sums, scalar K tail), else the vector partial sums are stored to part. PF: prefetch (into
+// L2) rows xn[r] at the same k as the loads (the next row tile).
+template <class V, int NR, int NU, bool PF>
 SG_GG_INLINE void dot_tile(const float* const* xr, const float* const* wr, int64_t k0, int64_t k1,
-                           float* part, bool load, bool last, float* out) {
+                           float* part, bool load, bool last, float* out,
+                           const float* const* xn) {
   constexpr int L = VecInfo<V>::L;
   V acc[NR * NU];
   if (load) {
@@ -148,8 +150,15 @@ SG_GG_INLINE void dot_tile(const float* const* xr, const float* const* wr, int64
   for (int r = 0; r < NR; ++r) xp[r] = xr[r];
 #pragma GCC unroll 8
   for (int u = 0; u < NU; ++u) wp[u] = wr[u];
+  const float* pn[NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) pn[r] = xn[r];
   const int64_t kv = k1 - (k1 - k0) % L;
   for (int64_t k = k0; k < kv; k += L) {
+    if constexpr (PF) {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) __builtin_prefetch(pn[r] + k, 0, 2);  // prefetcht1: into L2
+    }
     V xv[NR];
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) xv[r] = vload<V>(xp[r] + k);
@@ -285,26 +294,26 @@ namespace gg {
 
 // Run-time tile shapes -> compile-time kernels (tails of rows/units/columns).
 #define SG_GG_DOT_ARGS const float *const *xr, const float *const *wr, int64_t k0, int64_t k1, \
-                       float *part, bool load, bool last, float *out
-#define SG_GG_DOT_PASS xr, wr, k0, k1, part, load, last, out
-template <class V, int NR, int NU>
+                       float *part, bool load, bool last, float *out, const float *const *xn
+#define SG_GG_DOT_PASS xr, wr, k0, k1, part, load, last, out, xn
+template <class V, int NR, int NU, bool PF>
 SG_GG_INLINE void dot_pick_u(int nu, SG_GG_DOT_ARGS) {
   if constexpr (NU >= 1) {
     if (nu == NU) {
-      dot_tile<V, NR, NU>(SG_GG_DOT_PASS);
+      dot_tile<V, NR, NU, PF>(SG_GG_DOT_PASS);
       return;
     }
-    dot_pick_u<V, NR, NU - 1>(nu, SG_GG_DOT_PASS);
+    dot_pick_u<V, NR, NU - 1, PF>(nu, SG_GG_DOT_PASS);
   }
 }
-template <class V, int NR, int NU>
+template <class V, int NR, int NU, bool PF>
 SG_GG_INLINE void dot_pick(int nr, int nu, SG_GG_DOT_ARGS) {
   if constexpr (NR >= 1) {
     if (nr == NR) {
-      dot_pick_u<V, NR, NU>(nu, SG_GG_DOT_PASS);
+      dot_pick_u<V, NR, NU, PF>(nu, SG_GG_DOT_PASS);
       return;
     }
-    dot_pick<V, NR - 1, NU>(nr, nu, SG_GG_DOT_PASS);
+    dot_pick<V, NR - 1, NU, PF>(nr, nu, SG_GG_DOT_PASS);
   }
 }
 
