@@ -103,9 +103,19 @@ TILED_SHAPES = [(150, 1601, 128, 2), (37, 83, 160, 2), (29, 50, 57, 3), (40, 33,
 @pytest.mark.parametrize("isa", ["", "avx2", "base"])
 @pytest.mark.parametrize("tiled", ["", "all"])
 @pytest.mark.parametrize("shape", TILED_SHAPES)
-def test_cpu_tiled_kernels_float32(monkeypatch, isa, tiled, shape):
+@pytest.mark.parametrize("threads", [1, 2])  # the gather + MKL routes run single-threaded only
+def test_cpu_tiled_kernels_float32(monkeypatch, isa, tiled, shape, threads):
     monkeypatch.setenv("STOCHGATE_CPU_ISA", isa)
     monkeypatch.setenv("STOCHGATE_CPU_TILED", tiled)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_tiled_kernels(shape)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _check_tiled_kernels(shape):
     B, K, N, C = shape
     x, w, b, g = _data(B, K, N, C, "cpu", torch.float64, density=0.9)
     dy = torch.randn(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
