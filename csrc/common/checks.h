@@ -72,4 +72,36 @@ inline void check_reinforce_inputs(const at::Tensor& logits, const at::Tensor& h
   }
 }
 
+// Inputs of the gated matmuls, checked once at the op boundary by the CPU and CUDA kernels
+// alike: a (B, features), weight 2-D, gates (B, C) splitting the gated units (weight's rows
+// for gated_linear, its columns for gated_input_linear) into equal chunks, bias (weight.size(0),).
+inline void check_gated_inputs(const char* op, const at::Tensor& a, const char* a_name,
+                        const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        const at::Tensor& gates, bool gate_output_units) {
+  check_floating(a, op, a_name);
+  check_floating(weight, op, "weight");
+  check_floating(gates, op, "gates");
+  TORCH_CHECK(a.dim() == 2, op, ": ", a_name, " must be 2-D (B, features), got shape ", a.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D, got shape ", weight.sizes());
+  TORCH_CHECK(gates.dim() == 2, op, ": gates must be 2-D (B, C), got shape ", gates.sizes());
+  TORCH_CHECK(weight.size(1) == a.size(1), op, ": weight ", weight.sizes(), " does not match ",
+              a_name, " ", a.sizes(), " (weight.shape[1] must equal ", a_name, ".shape[1])");
+  TORCH_CHECK(gates.size(0) == a.size(0), op, ": gates ", gates.sizes(), " must have ",
+              a.size(0), " rows to match ", a_name, " ", a.sizes());
+  const int64_t units = gate_output_units ? weight.size(0) : weight.size(1);
+  const int64_t C = gates.size(1);
+  TORCH_CHECK(C >= 1 && units % C == 0, op, ": the ", units, " gated ",
+              gate_output_units ? "output" : "input", " units (weight ", weight.sizes(),
+              ") must split into gates.shape[1] = ", C, " equal chunks");
+  check_same_dtype(a, weight, op, a_name, "weight");
+  check_same_device(a, weight, op, a_name, "weight");
+  check_same_device(a, gates, op, a_name, "gates");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
+                weight.size(0), ",) to match weight ", weight.sizes(), ", got ", bias->sizes());
+    check_same_dtype(a, *bias, op, a_name, "bias");
+    check_same_device(a, *bias, op, a_name, "bias");
+  }
+}
+
 }  // namespace stochgate

@@ -953,38 +953,6 @@ SG_GG_INLINE void dh_chunks(const DhArgs& a, int64_t c0, int64_t c1) {
 }
 SG_GG_VARIANTS(dh_chunks, DhArgs)
 
-// ---------------------------------------------------------------------------------------
-// Input checks (once, at the op boundary).
-
-void check_gated_inputs(const char* op, const at::Tensor& a, const char* a_name,
-                        const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                        const at::Tensor& gates, bool gate_output_units) {
-  check_floating(a, op, a_name);
-  check_floating(weight, op, "weight");
-  check_floating(gates, op, "gates");
-  TORCH_CHECK(a.dim() == 2, op, ": ", a_name, " must be 2-D (B, features), got shape ", a.sizes());
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D, got shape ", weight.sizes());
-  TORCH_CHECK(gates.dim() == 2, op, ": gates must be 2-D (B, C), got shape ", gates.sizes());
-  TORCH_CHECK(weight.size(1) == a.size(1), op, ": weight ", weight.sizes(), " does not match ",
-              a_name, " ", a.sizes(), " (weight.shape[1] must equal ", a_name, ".shape[1])");
-  TORCH_CHECK(gates.size(0) == a.size(0), op, ": gates ", gates.sizes(), " must have ",
-              a.size(0), " rows to match ", a_name, " ", a.sizes());
-  const int64_t units = gate_output_units ? weight.size(0) : weight.size(1);
-  const int64_t C = gates.size(1);
-  TORCH_CHECK(C >= 1 && units % C == 0, op, ": the ", units, " gated ",
-              gate_output_units ? "output" : "input", " units (weight ", weight.sizes(),
-              ") must split into gates.shape[1] = ", C, " equal chunks");
-  check_same_dtype(a, weight, op, a_name, "weight");
-  check_same_device(a, weight, op, a_name, "weight");
-  check_same_device(a, gates, op, a_name, "gates");
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
-                weight.size(0), ",) to match weight ", weight.sizes(), ", got ", bias->sizes());
-    check_same_dtype(a, *bias, op, a_name, "bias");
-    check_same_device(a, *bias, op, a_name, "bias");
-  }
-}
-
 // Kernels run in float32 for float16/bfloat16 inputs, else in the input's dtype.
 at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
