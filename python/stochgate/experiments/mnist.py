@@ -531,6 +531,7 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     chunks = sorted({r["chunk"] for r in rows})
     fig, axes = plt.subplots(1, len(chunks), figsize=(6.5 * len(chunks), 4.5), squeeze=False)
@@ -541,6 +542,7 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
             ve = r["curves"]["valid_error"]
             ax.plot(range(1, len(ve) + 1), ve, marker="o" if len(ve) < 15 else None, ms=3, label=r["label"])
         ax.set_title(f"chunk = {c}" + (" (per-unit gating)" if c == 1 else ""))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation error (%)")
         ax.set_yscale("log")
