@@ -89,11 +89,19 @@ def _train_table(r: dict) -> list[str]:
 
 
 def _mnist(path: Path) -> list[str]:
+    """The table `stochgate reproduce` wrote beside its JSON, with the command and machine."""
     r = json.loads(path.read_text())
-    table = r.get("markdown_table")
-    if table:
-        return [f"From `{r.get('command', 'stochgate reproduce')}` ({r.get('machine', '')}):", "", table]
-    return []
+    table = path.with_name(path.stem + "_table.md")
+    if not table.exists():
+        return []
+    m = r.get("machine", {})
+    out = [f"`{r['command']}` ({m.get('cpu_model', '')}, {m.get('cpu_count', '?')} cores, "
+           f"{m.get('torch_threads', '?')} torch thread(s), torch {m.get('torch', '')}, {m.get('device', 'cpu')}):", "",
+           table.read_text().strip(), ""]
+    curves = path.with_name(path.stem + "_curves.png")
+    if curves.exists():
+        out.append(f"![{path.stem} learning curves]({curves.relative_to(ROOT)})")
+    return out
 
 
 def render() -> str:
@@ -119,11 +127,14 @@ def render() -> str:
                 parts.append("")
             parts.append(f"Command: `{_command(r)}` → `{f.relative_to(ROOT)}`")
             parts.append("")
-    for f in sorted(RESULTS.glob("mnist_*.json")):
-        section = _mnist(f)
-        if section:
-            parts.append("### MNIST reproduction (paper §5)")
-            parts.append("")
+    mnist = [section for f in sorted(RESULTS.glob("mnist_*.json")) if (section := _mnist(f))]
+    if mnist:
+        parts.append("### MNIST reproduction (paper §5)")
+        parts.append("")
+        parts.append("Test error % with deterministic test-time gates at 10% density, beside the paper's Figure 2 "
+                     "(right); how each file was made and what the numbers show: `benchmarks/results/mnist_NOTES.md`.")
+        parts.append("")
+        for section in mnist:
             parts.extend(section)
             parts.append("")
     return "\n".join(parts).rstrip() + "\n"

@@ -958,8 +958,11 @@ at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// Detached: ATen calls made inside at::parallel_for run on OpenMP worker threads, which do not
+// inherit the dispatcher's below-autograd state, so an input that requires grad would make
+// at::mm_out refuse to run there.
 at::Tensor to_compute(const at::Tensor& t) {
-  return t.to(compute_type(t.scalar_type())).contiguous();
+  return t.detach().to(compute_type(t.scalar_type())).contiguous();
 }
 
 at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
