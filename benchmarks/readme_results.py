@@ -107,11 +107,17 @@ def _mnist(path: Path) -> list[str]:
 def render() -> str:
     parts: list[str] = []
     for prefix, title in (("cpu", "CPU"), ("gpu", "GPU")):
-        files = sorted(RESULTS.glob(f"{prefix}_*.json"))
+        order = ["gated_linear_forward", "gated_linear_train", "gated_input_linear_forward", "gated_input_linear_train", "block_train"]
+        files = sorted(RESULTS.glob(f"{prefix}_*.json"),
+                       key=lambda f: order.index(f.stem[len(prefix) + 1:]) if f.stem[len(prefix) + 1:] in order else len(order))
         if not files:
             continue
         parts.append(f"### Gated matmuls and estimators, {title}")
         parts.append("")
+        if prefix == "cpu":
+            parts.append("Machine: the 2-vCPU Intel Xeon VM (AVX-512) this project is developed on, idle apart from the "
+                         "benchmark, 2 torch threads. Every ratio compares timings taken in the same run, interleaved.")
+            parts.append("")
         for f in files:
             r = json.loads(f.read_text())
             parts.extend(_matmul_table(r))

@@ -1,7 +1,7 @@
 // CPU kernels of the gated matmuls (conditional computation): work proportional to the number
 // of active (row, chunk) pairs.
 //
-// Two routes, chosen by the chunk width (measured in benchmarks/bench_gated_cpu.py):
+// Two routes, chosen by the chunk width (measured with `stochgate bench`):
 // - chunk >= kGemmMinChunk: per chunk, gather the rows whose gate is on and run one dense GEMM
 //   with the chunk's weight block through ATen's BLAS; parallel over chunks (or over output
 //   column slices where chunks add into the same rows), single-threaded GEMMs inside.
@@ -33,7 +33,7 @@ namespace stochgate {
 namespace {
 
 // Chunks at least this wide go through per-chunk GEMMs; narrower ones through the row-wise
-// sparse kernels (see benchmarks/bench_gated_cpu.py for the measurement behind it).
+// sparse kernels (measured with `stochgate bench --chunk ...`).
 constexpr int64_t kGemmMinChunk = 16;
 // Row-kernel cache blocking: a block of weight rows (units) of about this many bytes stays
 // in L2 while the rows of a thread stream past it; K blocks of kKBlock elements keep an

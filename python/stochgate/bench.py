@@ -516,10 +516,10 @@ def plot(result: dict, path: str) -> None:
         ds = sorted({r["density"] for r in rows})
         ax.plot(ds, [1 / d for d in ds], "k--", lw=1, label="ideal 1/density")
         ax.axhline(1.0, color="grey", lw=0.8)
-        for method in available_methods(a["device"]):
+        for i, method in enumerate(METHODS["gated_linear"]):  # one colour per method in every panel
             pts = sorted((r["density"], r["speedup_vs_dense"]) for r in rows if r["method"] == method and r["speedup_vs_dense"])
             if pts:
-                ax.plot(*zip(*pts), "o-", label=method, lw=2 if method == "stochgate" else 1)
+                ax.plot(*zip(*pts), "o-", color=f"C{i}", label=method, lw=2 if method == "stochgate" else 1)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("gate density")
