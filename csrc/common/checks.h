@@ -104,4 +104,14 @@ inline void check_gated_inputs(const char* op, const at::Tensor& a, const char* 
   }
 }
 
+// The upstream gradient of a gated matmul: (B, out_features) like its output, a's dtype/device.
+inline void check_gated_grad(const char* op, const at::Tensor& grad_y, const at::Tensor& a,
+                             const char* a_name, int64_t out_features) {
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == a.size(0) && grad_y.size(1) == out_features,
+              op, ": grad_y must have shape (", a.size(0), ", ", out_features, "), got ",
+              grad_y.sizes());
+  check_same_dtype(grad_y, a, op, "grad_y", a_name);
+  check_same_device(grad_y, a, op, "grad_y", a_name);
+}
+
 }  // namespace stochgate

@@ -1098,10 +1098,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
   check_gated_inputs(op, x_in, "x", w_in, bias_in, gates, /*gate_output_units=*/true);
   const int64_t B = x_in.size(0), K = x_in.size(1), N = w_in.size(0), C = gates.size(1);
   const int64_t chunk = N / C;
-  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == B && grad_y_in.size(1) == N, op,
-              ": grad_y must have shape (", B, ", ", N, "), got ", grad_y_in.sizes());
-  check_same_dtype(grad_y_in, x_in, op, "grad_y", "x");
-  check_same_device(grad_y_in, x_in, op, "grad_y", "x");
+  check_gated_grad(op, grad_y_in, x_in, "x", N);
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const bool need_dx = output_mask[0], need_dw = output_mask[1];
   const bool need_db = output_mask[2] && has_bias, need_dg = output_mask[3];
@@ -1325,10 +1322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
   check_gated_inputs(op, h_in, "h", w_in, c10::nullopt, gates, /*gate_output_units=*/false);
   const int64_t B = h_in.size(0), N = h_in.size(1), M = w_in.size(0), C = gates.size(1);
   const int64_t chunk = N / C;
-  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == B && grad_y_in.size(1) == M, op,
-              ": grad_y must have shape (", B, ", ", M, "), got ", grad_y_in.sizes());
-  check_same_dtype(grad_y_in, h_in, op, "grad_y", "h");
-  check_same_device(grad_y_in, h_in, op, "grad_y", "h");
+  check_gated_grad(op, grad_y_in, h_in, "h", M);
   const bool need_dh = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   auto h = to_compute(h_in);
   auto w = to_compute(w_in);

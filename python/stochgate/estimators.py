@@ -18,6 +18,7 @@ from .baselines import Baseline, resolve_baseline
 
 
 def _check_float(name: str, t: object) -> None:
+    """TypeError unless a tensor, ValueError unless floating point (shared with gated.py)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():

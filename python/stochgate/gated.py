@@ -15,21 +15,11 @@ from typing import Literal
 import torch
 
 from ._ops import ops
+from .estimators import _check_float
 
 __all__ = ["gated_linear", "gated_input_linear"]
 
 GateGrad = Literal["full", "active"]
-
-
-def _check_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise ValueError(
-            f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), "
-            f"got {t.dtype} of shape {tuple(t.shape)}"
-        )
-    return t
 
 
 def _check(
@@ -66,7 +56,7 @@ def _check(
             f"must split into gates.shape[1] = {num_chunks} equal chunks"
         )
     if bias is not None:
-        _check_tensor("bias", bias)
+        _check_float("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(
                 f"{op}: bias must have shape ({weight.shape[0]},) to match weight "
@@ -129,7 +119,7 @@ def gated_linear(
     """
     op = "stochgate.gated_linear"
     for name, t in (("x", x), ("weight", weight), ("gates", gates)):
-        _check_tensor(name, t)
+        _check_float(name, t)
     if gate_grad not in (None, "full", "active"):
         raise ValueError(f"{op}: gate_grad must be None, 'full' or 'active', got {gate_grad!r}")
     x, weight, bias = _autocast(x, weight, bias)
@@ -160,7 +150,7 @@ def gated_input_linear(
     """
     op = "stochgate.gated_input_linear"
     for name, t in (("h", h), ("weight", weight), ("gates", gates)):
-        _check_tensor(name, t)
+        _check_float(name, t)
     h, weight, bias = _autocast(h, weight, bias)
     _check(op, "h", h, weight, bias, gates, weight.shape[1] if weight.dim() == 2 else 0, "input")
     return ops.gated_input_linear(h, weight, bias, gates)
