@@ -630,7 +630,12 @@ bool gg_tiled_all() {
 // busy, gated_linear dx 202 ms / dW 206 ms at d=0.1 (8.8 / 7.5 ms single-threaded), the time
 // spent spinning in libgomp; the tiled kernels took 11.2 / 9.4 ms in the same run. So they
 // take the tiled kernels whenever at::get_num_threads() > 1.
-bool gg_tiled_mkl_routes() { return gg_tiled_all() || at::get_num_threads() > 1; }
+// STOCHGATE_CPU_TILED=none keeps the gather + MKL routes at any thread count (for measuring).
+bool gg_tiled_mkl_routes() {
+  const char* env = std::getenv("STOCHGATE_CPU_TILED");
+  if (env && std::strcmp(env, "none") == 0) return false;
+  return gg_tiled_all() || at::get_num_threads() > 1;
+}
 
 // gated_linear forward: a chunk with at least this many active rows takes one MKL GEMM over
 // all B rows of x (no gather; inactive rows computed and dropped) instead of the dot kernel.
