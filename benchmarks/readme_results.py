@@ -151,6 +151,8 @@ def _command(r: dict) -> str:
     cmd = f"stochgate bench --device {a['device']} --dtype {a['dtype']} --op {a['op']} --mode {a['mode']}"
     if a.get("no_estimators"):
         cmd += " --no-estimators"
+    else:
+        cmd += f" --estimator-size {a['estimator_size']}"
     if a.get("no_train_step"):
         cmd += " --no-train-step"
     return cmd

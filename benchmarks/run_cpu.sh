@@ -11,7 +11,7 @@ mkdir -p "$R"
 for op_mode in gated_linear:forward gated_linear:train gated_input_linear:forward gated_input_linear:train block:train; do
   op=${op_mode%%:*}; mode=${op_mode##*:}
   extra="--no-estimators --no-train-step"
-  [ "$op_mode" = "gated_linear:forward" ] && extra=""
+  [ "$op_mode" = "gated_linear:forward" ] && extra="--estimator-size 4096"
   $PY -m stochgate.cli bench --op "$op" --mode "$mode" $extra \
     --json "$R/cpu_${op}_${mode}.json" --plot "$R/cpu_${op}_${mode}.png" | tee "$R/cpu_${op}_${mode}.txt"
 done

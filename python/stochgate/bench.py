@@ -562,7 +562,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
     p.add_argument("--no-estimators", action="store_true", help="skip the estimator kernel timings")
     p.add_argument("--no-train-step", action="store_true", help="skip the full training step timings")
-    p.add_argument("--estimator-size", type=int, default=None, help="side of the square tensor for estimator timings (default 4096; --quick 2048)")
+    p.add_argument("--estimator-size", type=int, default=None, help="side of the square tensor for estimator timings (default 2048; --quick 1024)")
     p.add_argument("--train-density", type=float, default=0.1)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
@@ -575,7 +575,7 @@ def parse_args(argv):
         "chunk": [64, 1],
         "density": [0.1, 0.5, 1.0] if q else [0.1, 0.25, 0.5, 1.0],
         "repeats": 3 if q else 7,
-        "estimator_size": 2048 if q else 4096,
+        "estimator_size": 1024 if q else 2048,
     }
     for name, value in defaults.items():
         if getattr(a, name) is None:
