@@ -199,3 +199,10 @@ def test_from_json_redraws_a_partial_run(idx_dir, tmp_path, capsys):
     assert "straight-through (identity) | 64 |" in capsys.readouterr().out
     assert (tmp_path / "p_curves.png").is_file() and (tmp_path / "p_table.md").is_file()
     assert mnist.main(["--from-json", str(tmp_path / "nope.json")]) == 1
+
+
+def test_lr_final_factor_is_checked(capsys):
+    from stochgate.experiments import mnist
+
+    assert mnist.main(["--lr-final-factor", "0"]) == 2
+    assert "--lr-final-factor must lie in (0, 1]" in capsys.readouterr().err

@@ -115,6 +115,9 @@ class Config:
     epochs: int = 30
     batch_size: int = 32
     lr: float = 0.1
+    # Learning rates fall linearly over the run to this fraction of their start (1.0: constant,
+    # the paper's setting).
+    lr_final_factor: float = 1.0
     target_density: float = 0.1
     tolerance: float = 0.01
     lambda_factor: float = 1.01
@@ -402,8 +405,12 @@ def run_method(method: Method, chunk: int, tensors: dict[str, torch.Tensor], cfg
         "num_chunks": model.num_chunks, "gate_grad": method.gate_grad, "paper_test_error": method.paper,
         "status": "running", "epochs": 0, "curves": curves,
     }
+    initial_lrs = [group["lr"] for group in tr.opt.param_groups]
     for epoch in range(cfg.epochs):
         model.train()
+        factor = 1.0 - (1.0 - cfg.lr_final_factor) * epoch / max(1, cfg.epochs - 1)
+        for group, lr0 in zip(tr.opt.param_groups, initial_lrs):
+            group["lr"] = lr0 * factor
         batches = _batches(len(xt), cfg.batch_size, cfg.seed, epoch, rank, world)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         dens_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -596,6 +603,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and gate samples (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); under torchrun each rank takes cuda:LOCAL_RANK")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per method (default 30, --quick 3)")
+    p.add_argument("--lr-final-factor", type=float, default=1.0,
+                   help="learning rates fall linearly to this fraction of their start by the last epoch "
+                        "(default 1: constant, as in the paper)")
     p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help=f"methods to run (default all): {', '.join(METHODS)}")
     p.add_argument("--chunk", nargs="+", type=int, default=[1, 32], metavar="C",
@@ -643,6 +653,7 @@ def _config(args) -> Config:
         time_steps=args.time_steps if args.time_steps is not None else (20 if quick else 50),
         time_reps=1 if quick else 2,
         progress=not args.no_progress,
+        lr_final_factor=args.lr_final_factor,
     )
 
 
@@ -683,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if any(c < 1 for c in args.chunk):
         print(f"{prog}: error: --chunk values must be positive, got {args.chunk}", file=sys.stderr)
+        return 2
+    if not 0 < args.lr_final_factor <= 1:
+        print(f"{prog}: error: --lr-final-factor must lie in (0, 1], got {args.lr_final_factor}", file=sys.stderr)
         return 2
     missing = [n for n in ("GatedLinear", "GatedInputLinear") if not hasattr(sgnn, n)]
     if missing:
