@@ -69,6 +69,10 @@ def test_alternatives_compute_the_same_result(name):
     ref = bench.METHODS[name]["stochgate"](*inputs)
     for method in ("dense", "gather", "sparse"):
         torch.testing.assert_close(bench.METHODS[name][method](*inputs), ref)
+    no_bias = (inputs[0], inputs[1], None, inputs[3])
+    ref = bench.METHODS[name]["stochgate"](*no_bias)
+    for method in ("dense", "gather", "sparse"):
+        torch.testing.assert_close(bench.METHODS[name][method](*no_bias), ref)
 
 
 def test_break_even_interpolates():

@@ -48,6 +48,18 @@ def _expand(gates: torch.Tensor, features: int, dtype: torch.dtype) -> torch.Ten
     return gates.to(dtype).repeat_interleave(features // gates.shape[1], dim=1)
 
 
+def _active_chunks(gates: torch.Tensor, features: int):
+    """(chunk index, rows whose gate is on, the chunk's feature slice) for every chunk with at
+    least one active row: the loop both gather alternatives run."""
+    chunks = gates.shape[1]
+    chunk = features // chunks
+    active = (gates != 0).t()
+    for c in range(chunks):
+        rows = active[c].nonzero().squeeze(1)
+        if rows.numel():
+            yield c, rows, slice(c * chunk, (c + 1) * chunk)
+
+
 def dense_gated_linear(x, weight, bias, gates):
     """``F.linear`` for every unit, then the gate multiplies (zero gates zero the chunk)."""
     return F.linear(x, weight, bias) * _expand(gates, weight.shape[0], x.dtype)
@@ -56,16 +68,9 @@ def dense_gated_linear(x, weight, bias, gates):
 def gather_gated_linear(x, weight, bias, gates):
     """Per chunk: the rows whose gate is on, one addmm with the chunk's weight block, scale,
     copy back. Pure PyTorch; no gate gradient (gates are data here)."""
-    batch, chunks = gates.shape
-    chunk = weight.shape[0] // chunks
-    y = x.new_zeros(batch, weight.shape[0])
-    active = (gates != 0).t()
-    for c in range(chunks):
-        rows = active[c].nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        sl = slice(c * chunk, (c + 1) * chunk)
-        b = bias[sl] if bias is not None else x.new_zeros(chunk)
+    y = x.new_zeros(x.shape[0], weight.shape[0])
+    for c, rows, sl in _active_chunks(gates, weight.shape[0]):
+        b = bias[sl] if bias is not None else x.new_zeros(sl.stop - sl.start)
         out = torch.addmm(b, x.index_select(0, rows), weight[sl].t())
         out = out * gates[rows, c, None].to(out.dtype)
         y[:, sl] = y[:, sl].index_copy(0, rows, out)
@@ -116,15 +121,9 @@ def dense_gated_input_linear(h, weight, bias, gates):
 
 def gather_gated_input_linear(h, weight, bias, gates):
     """Per chunk: the active rows' slice of h times the weight's column block, index_add."""
-    batch, chunks = gates.shape
-    chunk = weight.shape[1] // chunks
+    batch = h.shape[0]
     y = h.new_zeros(batch, weight.shape[0]) if bias is None else bias.expand(batch, -1).clone()
-    active = (gates != 0).t()
-    for c in range(chunks):
-        rows = active[c].nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        sl = slice(c * chunk, (c + 1) * chunk)
+    for _, rows, sl in _active_chunks(gates, weight.shape[1]):
         y = y.index_add(0, rows, h.index_select(0, rows)[:, sl] @ weight[:, sl].t())
     return y
 
