@@ -137,6 +137,24 @@ def test_max_norm():
     mnist.max_norm_(m, 2.0)
     assert m.main.weight.norm(dim=1).max() <= 2.0 + 1e-5
     assert m.gater_hidden.weight.norm(dim=1).max() <= 2.0 + 1e-5
+    # The softmax output layer is left alone unless asked for (Config.max_norm_output).
+    with torch.no_grad():
+        m.out.weight.mul_(100)
+    big = m.out.weight.norm(dim=1).min().item()
+    mnist.max_norm_(m, 2.0)
+    assert m.out.weight.norm(dim=1).min().item() == big > 2.0
+    mnist.max_norm_(m, 2.0, output=True)
+    assert m.out.weight.norm(dim=1).max() <= 2.0 + 1e-5
+
+
+def test_main_path_learning_rate_applies_to_sparse_gaters_only():
+    cfg = mnist.Config(lr=0.1, main_lr=1.0)
+    for name, main_lr in (("st", 1.0), ("reinforce", 1.0), ("noisy_rectifier", 1.0), ("baseline_sigmoid", 0.1)):
+        tr = mnist._Trainer(mnist.METHODS[name], 32, cfg, torch.device("cpu"))
+        lrs = {id(p): g["lr"] for g in tr.opt.param_groups for p in g["params"]}
+        assert lrs[id(tr.model.main.weight)] == main_lr and lrs[id(tr.model.main.bias)] == main_lr
+        assert lrs[id(tr.model.out.weight)] == 0.1
+        assert lrs[id(tr.model.gater_out.weight)] == (0.001 if name == "reinforce" else 0.1)
 
 
 def _run(idx_dir, out, *extra):
@@ -199,6 +217,21 @@ def test_from_json_redraws_a_partial_run(idx_dir, tmp_path, capsys):
     assert "straight-through (identity) | 64 |" in capsys.readouterr().out
     assert (tmp_path / "p_curves.png").is_file() and (tmp_path / "p_table.md").is_file()
     assert mnist.main(["--from-json", str(tmp_path / "nope.json")]) == 1
+
+
+def test_from_json_merges_runs_split_across_processes(idx_dir, tmp_path, capsys):
+    assert _run(idx_dir, tmp_path / "a", "--quick", "--methods", "st", "--chunk", "64") == 0
+    assert _run(idx_dir, tmp_path / "b", "--quick", "--methods", "sts", "--chunk", "64") == 0
+    capsys.readouterr()
+    files = [str(tmp_path / d / "mnist_quick.json") for d in "ab"]
+    assert mnist.main(["--from-json", *files, "--out", str(tmp_path / "m"), "--name", "both"]) == 0
+    table = capsys.readouterr().out
+    assert "straight-through (identity) | 64 |" in table and "stochastic times smooth | 64 |" in table
+    merged = json.loads((tmp_path / "m" / "both.json").read_text())
+    assert [r["method"] for r in merged["rows"]] == ["st", "sts"]
+    assert merged["merged_from"] == files
+    assert all("--methods" in r["command"] for r in merged["rows"])
+    assert (tmp_path / "m" / "both_table.md").is_file() and (tmp_path / "m" / "both_curves.png").is_file()
 
 
 def test_lr_final_factor_is_checked(capsys):
