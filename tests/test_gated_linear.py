@@ -97,16 +97,18 @@ def test_gated_input_linear_matches_reference(device, dtype, shape):
 # float32 CPU tiled kernels (csrc/cpu/gated_gemm.h): every ISA variant, the routes kept
 # behind STOCHGATE_CPU_TILED=all, and shapes that reach their K blocks (K > 1024), row blocks
 # (> 128 active rows), M blocks (M > 384), unit/row/column tails and odd chunks.
-TILED_SHAPES = [(150, 1601, 128, 2), (37, 83, 160, 2), (29, 50, 57, 3), (40, 33, 96, 2)]
+TILED_SHAPES = [(150, 1601, 128, 2), (37, 83, 160, 2), (29, 50, 57, 3), (40, 33, 96, 2), (23, 300, 256, 2)]
 
 
 @pytest.mark.parametrize("isa", ["", "avx2", "base"])
 @pytest.mark.parametrize("tiled", ["", "all"])
 @pytest.mark.parametrize("shape", TILED_SHAPES)
 @pytest.mark.parametrize("threads", [1, 2])  # the gather + MKL routes run single-threaded only
-def test_cpu_tiled_kernels_float32(monkeypatch, isa, tiled, shape, threads):
+@pytest.mark.parametrize("fwd", ["", "dot"])  # gated_linear forward: outer-product / dot form
+def test_cpu_tiled_kernels_float32(monkeypatch, isa, tiled, shape, threads, fwd):
     monkeypatch.setenv("STOCHGATE_CPU_ISA", isa)
     monkeypatch.setenv("STOCHGATE_CPU_TILED", tiled)
+    monkeypatch.setenv("STOCHGATE_GL_FWD", fwd)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

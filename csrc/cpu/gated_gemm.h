@@ -13,7 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
-#include <utility>
+#include <utility>  // std::integer_sequence
 
 
 #define SG_GG_INLINE inline __attribute__((always_inline))
@@ -249,6 +249,51 @@ SG_GG_INLINE void outer_gather(int64_t P, const float* a, int64_t lda, const int
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) out[i][v] = acc[i][v];
+  }
+}
+
+// In-register transpose of an L x L block held in rows r[0..L): log2(L) stages; at block size
+// S, rows i and i + S (i mod 2S < S) exchange their off-diagonal S x S blocks through two
+// two-source shuffles with constant masks.
+template <class I, int L, int S, bool HI, int... j>
+constexpr I transpose_mask(std::integer_sequence<int, j...>) {
+  return I{(HI ? ((j % (2 * S) < S) ? j + S : L + j) : ((j % (2 * S) < S) ? j : L + j - S))...};
+}
+template <class V, int S>
+SG_GG_INLINE void transpose_stage(V* r) {
+  using I = typename VecInfo<V>::I;
+  constexpr int L = VecInfo<V>::L;
+  constexpr I lo = transpose_mask<I, L, S, false>(std::make_integer_sequence<int, L>{});
+  constexpr I hi = transpose_mask<I, L, S, true>(std::make_integer_sequence<int, L>{});
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) {
+    if (i % (2 * S) >= S) continue;
+    const V a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + S] = __builtin_shuffle(a, b, hi);
+  }
+  if constexpr (S > 1) transpose_stage<V, S / 2>(r);
+}
+
+// panel[p * ldp + u] = w[u * ldw + p] for u < nu, p < kw: a (nu, kw) block of row-major
+// weights, transposed into a K-major panel. nu is a multiple of L.
+template <class V>
+SG_GG_INLINE void pack_transposed(const float* w, int64_t ldw, int nu, int64_t kw, float* panel,
+                                  int64_t ldp) {
+  constexpr int L = VecInfo<V>::L;
+  const int64_t kv = kw / L * L;
+  for (int u0 = 0; u0 < nu; u0 += L) {
+    for (int64_t p0 = 0; p0 < kv; p0 += L) {
+      V r[L];
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i) r[i] = vload<V>(w + (u0 + i) * ldw + p0);
+      transpose_stage<V, L / 2>(r);
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i) vstore(panel + (p0 + i) * ldp + u0, r[i]);
+    }
+    for (int64_t p = kv; p < kw; ++p) {
+      for (int i = 0; i < L; ++i) panel[p * ldp + u0 + i] = w[(u0 + i) * ldw + p];
+    }
   }
 }
 

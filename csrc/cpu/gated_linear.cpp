@@ -687,6 +687,25 @@ SG_GG_INLINE void pack_panel(const float* src, int64_t ld, const int64_t* idx, i
   }
 }
 
+// The full AVX-512 outer-product tile (6 rows x 64 columns, added to c) as a function of its
+// own: inlined into the forward driver, GCC left three of its 24 accumulators and the row
+// pointers on the stack (memory-operand FMAs in the inner loop); alone, all stay in registers.
+#if SG_GG_MULTI
+SG_GG_TARGET_AVX512 __attribute__((noinline)) void outer_tile_6x4_add_avx512(
+    int64_t P, const float* const* a, const float* b, int64_t ldb, float* const* c) {
+  gg::v16 acc[6][4];
+  gg::outer_rows<gg::v16, 6, 4>(P, a, b, ldb, acc);
+  gg::tile_out<gg::v16, 6, 4, true>(acc, c, 64);
+}
+// Likewise the full gather-form tile (stored to c): gated_linear's dW, gated_input_linear's dW2.
+SG_GG_TARGET_AVX512 __attribute__((noinline)) void outer_gather_6x4_avx512(
+    int64_t P, const float* a, int64_t lda, const float* b, int64_t ldb, float* const* c) {
+  gg::v16 acc[6][4];
+  gg::outer_gather<gg::v16, 6, 4>(P, a, lda, nullptr, b, ldb, nullptr, acc);
+  gg::tile_out<gg::v16, 6, 4, false>(acc, c, 64);
+}
+#endif
+
 // gated_linear forward, dot form, per chunk: y[b, chunk c] = g * (x[b] . W[chunk c] + bias).
 struct GlFwdArgs {
   const float* x;
@@ -772,6 +791,87 @@ SG_GG_INLINE void gl_fwd_chunks(const GlFwdArgs& a, int64_t c0, int64_t c1) {
 }
 SG_GG_VARIANTS(gl_fwd_chunks, GlFwdArgs)
 
+// gated_linear forward, outer-product form, per chunk (chunk a multiple of the vector width):
+// per K block the chunk's weights are transposed into a K-major panel (L1-resident), then
+// every tile of MR active rows accumulates x[row, K block] (broadcasts, read in place through
+// the row list) times the panel straight into y[row, chunk]; gate and bias at the end. The
+// transpose costs one pass over the weights per forward, shared by all of a chunk's rows.
+template <class Isa>
+SG_GG_INLINE void gl_fwd_outer(const GlFwdArgs& a, int64_t c0, int64_t c1) {
+  using V = typename Isa::V;
+  constexpr int MR = Isa::MR, NV = Isa::NV, L = gg::VecInfo<V>::L, PW = NV * L;
+  // K block: the transposed weight panel (KB x PW floats, 32 KiB) stays in L1 (measured at 1
+  // thread, d = 0.1..0.5: 64 / 256 / 512 no better than 128).
+  constexpr int64_t KB = std::max<int64_t>(L, (int64_t(32) << 10) / (PW * 4) / L * L);
+  const int64_t K = a.K, N = a.N, chunk = a.chunk;
+  std::vector<float> panel(KB * PW);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t off = a.cr->offsets[c], n = a.cr->offsets[c + 1] - off;
+    if (n == 0) continue;
+    const int64_t* rows = a.cr->rows.data() + off;
+    const double* gate = a.cr->gate.data() + off;
+    for (int64_t u0 = 0; u0 < chunk; u0 += PW) {
+      const int nu = static_cast<int>(std::min<int64_t>(PW, chunk - u0));
+      const int nv = nu / L;
+      const int64_t col = c * chunk + u0;
+      // Accumulated into y over the K blocks (one instantiation of the tile: a second one, for
+      // the first block's plain store, made GCC spill accumulators of both to the stack).
+      for (int64_t i = 0; i < n; ++i) std::memset(a.y + rows[i] * N + col, 0, nu * sizeof(float));
+      for (int64_t k0 = 0; k0 < K; k0 += KB) {
+        const int64_t kw = std::min(KB, K - k0);
+        gg::pack_transposed<V>(a.w + col * K + k0, K, nu, kw, panel.data(), PW);
+        for (int64_t i0 = 0; i0 < n; i0 += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, n - i0));
+          const float* xr[MR];
+          float* yr[MR];
+          for (int r = 0; r < mr; ++r) {
+            xr[r] = a.x + rows[i0 + r] * K + k0;
+            yr[r] = a.y + rows[i0 + r] * N + col;
+          }
+          {
+            // Prefetch the next tile's x rows (scattered, so the hardware streamers restart at
+            // each one): about 8% at d = 0.1, 1 thread.
+            const int64_t ie = std::min(n, i0 + 2 * MR);
+            for (int64_t i = i0 + MR; i < ie; ++i) {
+              const char* px = reinterpret_cast<const char*>(a.x + rows[i] * K + k0);
+              for (int64_t byte = 0; byte < kw * 4; byte += 64) __builtin_prefetch(px + byte, 0, 2);
+            }
+          }
+#if SG_GG_MULTI
+          if constexpr (std::is_same_v<Isa, gg::IsaAvx512> && MR == 6 && NV == 4) {
+            if (mr == MR && nv == NV) {
+              outer_tile_6x4_add_avx512(kw, xr, panel.data(), PW, yr);
+              continue;
+            }
+          }
+#endif
+          gg::outer_rows_pick<V, MR, NV, true>(mr, nv, kw, xr, panel.data(), PW, yr, nu);
+        }
+      }
+      const float* bc = a.bias ? a.bias + col : nullptr;
+      for (int64_t i = 0; i < n; ++i) {
+        const float g = static_cast<float>(gate[i]);
+        float* yb = a.y + rows[i] * N + col;
+        if (bc) {
+          for (int u = 0; u < nu; ++u) yb[u] = g * (yb[u] + bc[u]);
+        } else {
+          for (int u = 0; u < nu; ++u) yb[u] *= g;
+        }
+      }
+    }
+  }
+}
+SG_GG_VARIANTS(gl_fwd_outer, GlFwdArgs)
+
+// Which gated_linear forward kernel a float32 chunk takes: the outer-product form where the
+// chunk is a multiple of the vector width (STOCHGATE_GL_FWD=dot forces the dot form).
+bool gl_fwd_use_outer(int isa, int64_t chunk) {
+  const char* env = std::getenv("STOCHGATE_GL_FWD");
+  if (env && std::strcmp(env, "dot") == 0) return false;
+  const int64_t L = isa == 2 ? 16 : isa == 1 ? 8 : 4;
+  return chunk % L == 0;
+}
+
 // Column block (a multiple of 64) for drivers that accumulate into (B, block) slabs of an
 // output: about 1 MB per slab, and at least one block per thread.
 int64_t slab_block(int64_t B, int64_t cols) {
@@ -826,6 +926,14 @@ SG_GG_INLINE void scatter_blocks(const ScatterArgs& a, int64_t blk0, int64_t blk
             const float* src = a.bm + (kp + t) * a.ldb + c * chunk;
             for (int64_t j = 0; j < chunk; ++j) buf[j * PW + t] = src[j];
           }
+        } else if (w == PW) {
+          // Vector copies: GCC inlines pack_panel's memcpy as `rep movsq`, slow to start for
+          // 256 bytes (measured: dx at d = 0.1, 2 threads, 5.6 -> 4.4 ms).
+          const float* src = a.bm + c * chunk * a.ldb + kp;
+          for (int64_t j = 0; j < chunk; ++j) {
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) gg::vstore(buf.data() + j * PW + v * L, gg::vload<V>(src + j * a.ldb + v * L));
+          }
         } else {
           pack_panel(a.bm + c * chunk * a.ldb, a.ldb, nullptr, chunk, kp, w, buf.data(), PW);
         }
@@ -837,6 +945,14 @@ SG_GG_INLINE void scatter_blocks(const ScatterArgs& a, int64_t blk0, int64_t blk
             ar[i] = a.a_packed ? a.a + (off + i0 + i) * chunk : a.a + rows[i0 + i] * a.lda + c * chunk;
             cp[i] = a.out + rows[i0 + i] * cols + kp;
           }
+#if SG_GG_MULTI
+          if constexpr (std::is_same_v<Isa, gg::IsaAvx512> && MR == 6 && NV == 4) {
+            if (mr == MR && w == PW) {
+              outer_tile_6x4_add_avx512(chunk, ar, buf.data(), PW, cp);
+              continue;
+            }
+          }
+#endif
           gg::outer_rows_pick<V, MR, NV, true>(mr, nv, chunk, ar, buf.data(), PW, cp, w);
         }
       }
@@ -887,7 +1003,15 @@ SG_GG_INLINE void gather_chunks(const GatherArgs& a, int64_t c0, int64_t c1) {
     for (int64_t kp = 0; kp < a.b_cols; kp += PW) {
       const int w = static_cast<int>(std::min<int64_t>(PW, a.b_cols - kp));
       const int nv = (w + L - 1) / L;
-      pack_panel(a.b, a.ldb, rows, n, bcol0 + kp, w, bbuf.data(), PW);
+      if (w == PW) {  // vector copies (see scatter_blocks)
+        for (int64_t q = 0; q < n; ++q) {
+          const float* src = a.b + rows[q] * a.ldb + bcol0 + kp;
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) gg::vstore(bbuf.data() + q * PW + v * L, gg::vload<V>(src + v * L));
+        }
+      } else {
+        pack_panel(a.b, a.ldb, rows, n, bcol0 + kp, w, bbuf.data(), PW);
+      }
       for (int64_t ub = 0; ub < a.a_rows; ub += MB) {
         const int64_t ube = std::min(a.a_rows, ub + MB);
         const float* abase;
@@ -904,6 +1028,14 @@ SG_GG_INLINE void gather_chunks(const GatherArgs& a, int64_t c0, int64_t c1) {
           const int mr = static_cast<int>(std::min<int64_t>(MR, ube - u0));
           float* cp[MR];
           for (int i = 0; i < mr; ++i) cp[i] = a.out + (r0 + u0 + i) * a.ldo + col0 + kp;
+#if SG_GG_MULTI
+          if constexpr (std::is_same_v<Isa, gg::IsaAvx512> && MR == 6 && NV == 4) {
+            if (mr == MR && w == PW) {
+              outer_gather_6x4_avx512(n, abase + u0, lda, bbuf.data(), PW, cp);
+              continue;
+            }
+          }
+#endif
           gg::outer_gather_pick<V, MR, NV>(mr, nv, n, abase + u0, lda, nullptr, bbuf.data(), PW,
                                            nullptr, cp, w);
         }
@@ -1014,11 +1146,13 @@ at::Tensor gated_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
       const GlFwdArgs args{fp(px), fp(pw), fp(pb), fpm(py), B, K, N, chunk, &cr, true};
       const int isa = gg_isa();
       const int64_t mm_min = gl_fwd_mm_min_rows(B);
+      const bool outer = gl_fwd_use_outer(isa, chunk);
       zero_inactive_runs(fpm(py), B, N, chunk, rr);
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1;) {
           if (cr.offsets[c + 1] - cr.offsets[c] < mm_min) {
-            gl_fwd_chunks_run(isa, args, c, c + 1);
+            if (outer) gl_fwd_outer_run(isa, args, c, c + 1);
+            else gl_fwd_chunks_run(isa, args, c, c + 1);
             ++c;
             continue;
           }
