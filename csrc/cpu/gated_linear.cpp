@@ -896,6 +896,7 @@ struct ScatterArgs {
   float* out;
   int64_t B, cols, chunk, C, block;
   const ChunkRouting* cr;
+  const char* skip = nullptr;  // chunks left to a dense GEMM (skip[c] != 0), or null
 };
 
 template <class Isa>
@@ -913,14 +914,16 @@ SG_GG_INLINE void scatter_blocks(const ScatterArgs& a, int64_t blk0, int64_t blk
     }
     for (int64_t c = 0; c < a.C; ++c) {
       const int64_t off = a.cr->offsets[c], n = a.cr->offsets[c + 1] - off;
-      if (n == 0) continue;
+      if (n == 0 || (a.skip && a.skip[c])) continue;
       const int64_t* rows = a.cr->rows.data() + off;
       for (int64_t kp = k0; kp < k1; kp += PW) {
         const int w = static_cast<int>(std::min<int64_t>(PW, k1 - kp));
         const int nv = (w + L - 1) / L;
         // Contiguous (chunk, PW) copy of the B panel: L1-resident for all row tiles (the
         // strided original maps to a few L1 sets).
-        if (a.pack_bt) {  // buf[j, t] = bm[kp + t, c*chunk + j]
+        if (a.pack_bt && w % L == 0) {  // buf[j, t] = bm[kp + t, c*chunk + j], in-register transposes
+          gg::pack_transposed<V>(a.bm + kp * a.ldb + c * chunk, a.ldb, w, chunk, buf.data(), PW);
+        } else if (a.pack_bt) {
           if (w < PW) std::fill(buf.begin(), buf.end(), 0.f);
           for (int t = 0; t < w; ++t) {
             const float* src = a.bm + (kp + t) * a.ldb + c * chunk;
@@ -977,6 +980,7 @@ struct GatherArgs {
   int64_t ldo;
   int64_t chunk;
   const ChunkRouting* cr;
+  const char* skip = nullptr;  // chunks left to a dense GEMM (skip[c] != 0), or null
 };
 
 template <class Isa>
@@ -987,6 +991,7 @@ SG_GG_INLINE void gather_chunks(const GatherArgs& a, int64_t c0, int64_t c1) {
   const int64_t chunk = a.chunk;
   std::vector<float> bbuf, abuf;
   for (int64_t c = c0; c < c1; ++c) {
+    if (a.skip && a.skip[c]) continue;
     const int64_t off = a.cr->offsets[c], n = a.cr->offsets[c + 1] - off;
     const int64_t* rows = a.cr->rows.data() + off;
     // output block: rows [r0, r0 + a_rows), columns [col0, col0 + b_cols)
@@ -1053,6 +1058,7 @@ struct DhArgs {
   float* dh;
   int64_t B, N, M, chunk;
   const ChunkRouting* cr;
+  const char* skip = nullptr;  // chunks left to a dense GEMM (skip[c] != 0), or null
 };
 
 template <class Isa>
@@ -1063,6 +1069,7 @@ SG_GG_INLINE void dh_chunks(const DhArgs& a, int64_t c0, int64_t c1) {
   const int64_t chunk = a.chunk, N = a.N, M = a.M;
   std::vector<float> buf(M * PW);
   for (int64_t c = c0; c < c1; ++c) {
+    if (a.skip && a.skip[c]) continue;
     const int64_t off = a.cr->offsets[c], n = a.cr->offsets[c + 1] - off;
     const int64_t* rows = a.cr->rows.data() + off;
     zero_inactive(a.dh, a.B, N, c * chunk, chunk, rows, n);
@@ -1071,7 +1078,15 @@ SG_GG_INLINE void dh_chunks(const DhArgs& a, int64_t c0, int64_t c1) {
     for (int64_t jp = 0; jp < chunk; jp += PW) {
       const int w = static_cast<int>(std::min<int64_t>(PW, chunk - jp));
       const int nv = (w + L - 1) / L;
-      pack_panel(a.w2, N, nullptr, M, c * chunk + jp, w, buf.data(), PW);
+      if (w == PW) {  // vector copies (see scatter_blocks)
+        const float* src = a.w2 + c * chunk + jp;
+        for (int64_t m = 0; m < M; ++m) {
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) gg::vstore(buf.data() + m * PW + v * L, gg::vload<V>(src + m * N + v * L));
+        }
+      } else {
+        pack_panel(a.w2, N, nullptr, M, c * chunk + jp, w, buf.data(), PW);
+      }
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mb = std::min(MB, M - m0);
         for (int64_t i0 = 0; i0 < n; i0 += MR) {
@@ -1109,6 +1124,51 @@ at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()
 
 // ---------------------------------------------------------------------------------------
 // gated_linear
+
+// Chunks with at least gl_fwd_mm_min_rows(B) active rows: the float32 tiled kernels leave them
+// to MKL, as runs of consecutive chunks (empty if none).
+std::vector<char> dense_chunks(const ChunkRouting& cr, int64_t B, int64_t C) {
+  const int64_t mm_min = gl_fwd_mm_min_rows(B);
+  std::vector<char> dense(C, 0);
+  bool any = false;
+  for (int64_t c = 0; c < C; ++c) any |= (dense[c] = cr.offsets[c + 1] - cr.offsets[c] >= mm_min);
+  if (!any) dense.clear();
+  return dense;
+}
+
+// Calls run(c, ce) for each maximal run [c, ce) of dense chunks.
+template <typename F>
+void for_dense_runs(const std::vector<char>& dense, const F& run) {
+  const int64_t C = static_cast<int64_t>(dense.size());
+  for (int64_t c = 0; c < C;) {
+    if (!dense[c]) {
+      ++c;
+      continue;
+    }
+    int64_t ce = c + 1;
+    while (ce < C && dense[ce]) ++ce;
+    run(c, ce);
+    c = ce;
+  }
+}
+
+// (B, (ce - c) * chunk) block holding chunks [c, ce) of src on their active rows, zeros
+// elsewhere; src is (B, ld) with chunk c at column col0, or packed pairs (q, chunk) if packed.
+at::Tensor masked_block(const float* src, int64_t ld, int64_t col0, bool packed, const ChunkRouting& cr,
+                        int64_t B, int64_t chunk, int64_t c, int64_t ce, const at::TensorOptions& opts) {
+  const int64_t width = (ce - c) * chunk;
+  auto blk = at::zeros({B, width}, opts);
+  float* pblk = blk.mutable_data_ptr<float>();
+  at::parallel_for(c, ce, 1, [&](int64_t cc0, int64_t cc1) {
+    for (int64_t cc = cc0; cc < cc1; ++cc) {
+      for (int64_t q = cr.offsets[cc]; q < cr.offsets[cc + 1]; ++q) {
+        const float* s = packed ? src + q * chunk : src + cr.rows[q] * ld + col0 + (cc - c) * chunk;
+        std::memcpy(pblk + cr.rows[q] * width + (cc - c) * chunk, s, chunk * sizeof(float));
+      }
+    }
+  });
+  return blk;
+}
 
 at::Tensor gated_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
                             const c10::optional<at::Tensor>& bias_in, const at::Tensor& gates,
@@ -1319,21 +1379,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     if constexpr (std::is_same_v<T, float>) {
       const int isa = gg_isa();
       const bool tiled = gg_tiled_mkl_routes();
+      // Chunks with at least the forward's share of active rows (gl_fwd_mm_min_rows) go
+      // through MKL as runs of consecutive chunks, like the forward: their g*dy block with
+      // zeros in the inactive rows, dx += block @ W[run], dW[run] = block^T @ x (at d = 1.0 the
+      // tiled kernels took 98.7 ms for a training step against dense 74.9).
+      const std::vector<char> dense = tiled && (need_dx || need_dw) ? dense_chunks(cr, B, C) : std::vector<char>();
+      const bool any_dense = !dense.empty();
+      const char* skip = any_dense ? dense.data() : nullptr;
       if (need_dx && tiled) {
         dx_done = true;
         const int64_t block = slab_block(B, K);
-        const ScatterArgs args{fp(pdp), chunk, true, fp(pw), K, false, nullptr, dx.mutable_data_ptr<float>(),
-                               B, K, chunk, C, block, &cr};
+        ScatterArgs args{fp(pdp), chunk, true, fp(pw), K, false, nullptr, dx.mutable_data_ptr<float>(),
+                         B, K, chunk, C, block, &cr};
+        args.skip = skip;
         at::parallel_for(0, (K + block - 1) / block, 1, [&](int64_t k0, int64_t k1) {
           scatter_blocks_run(isa, args, k0, k1);
         });
       }
       if (need_dw && tiled) {
-        const GatherArgs args{fp(pdp), chunk, false, chunk, true, fp(px), K, K,
-                              dw.mutable_data_ptr<float>(), K, chunk, &cr};
+        GatherArgs args{fp(pdp), chunk, false, chunk, true, fp(px), K, K,
+                        dw.mutable_data_ptr<float>(), K, chunk, &cr};
+        args.skip = skip;
         at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { gather_chunks_run(isa, args, c0, c1); });
         dw_done = true;
       }
+      for_dense_runs(dense, [&](int64_t c, int64_t ce) {
+        const int64_t width = (ce - c) * chunk;
+        auto blk = masked_block(fp(pdp), 0, 0, /*packed=*/true, cr, B, chunk, c, ce, dy.options());
+        if (need_dx) dx.addmm_(blk, w.narrow(0, c * chunk, width));
+        if (need_dw) {
+          auto dwr = dw.narrow(0, c * chunk, width);
+          at::mm_out(dwr, blk.t(), x);
+        }
+      });
     }
     if (need_dx && !dx_done) {
       scatter_add_gemm<T>(dp, cr, B, K, nullptr, dx,
@@ -1438,12 +1516,19 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
     }
     const ChunkRouting cr = route_chunks(rr, C);
     if (std::is_same_v<T, float> && gg_tiled_mkl_routes()) {
+      // Dense chunks (see dense_chunks) as runs through MKL: y += h[run, active rows] @ W2[:, run]^T.
+      const std::vector<char> dense = dense_chunks(cr, B, C);
       const int64_t block = slab_block(B, M);
-      const ScatterArgs args{fp(ph), N, false, w.const_data_ptr<float>(), N, true, fp(pb),
-                             y.mutable_data_ptr<float>(), B, M, chunk, C, block, &cr};
+      ScatterArgs args{fp(ph), N, false, w.const_data_ptr<float>(), N, true, fp(pb),
+                       y.mutable_data_ptr<float>(), B, M, chunk, C, block, &cr};
+      args.skip = dense.empty() ? nullptr : dense.data();
       const int isa = gg_isa();
       at::parallel_for(0, (M + block - 1) / block, 1, [&](int64_t m0, int64_t m1) {
         scatter_blocks_run(isa, args, m0, m1);
+      });
+      for_dense_runs(dense, [&](int64_t c, int64_t ce) {
+        auto blk = masked_block(fp(ph), N, c * chunk, /*packed=*/false, cr, B, chunk, c, ce, h.options());
+        y.addmm_(blk, w.narrow(1, c * chunk, (ce - c) * chunk).t());
       });
       return;
     }
@@ -1507,15 +1592,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
     if constexpr (std::is_same_v<T, float>) {
       const int isa = gg_isa();
       const float* pw2 = w.const_data_ptr<float>();
+      // Dense chunks (see dense_chunks) as runs through MKL: dh[:, run] = dy @ W2[:, run] on the
+      // active rows (zeros elsewhere), dW2[:, run] = dy^T @ h[run, active rows].
+      const std::vector<char> dense = dense_chunks(cr, B, C);
+      const char* skip = dense.empty() ? nullptr : dense.data();
       if (need_dh) {
-        const DhArgs args{fp(pdy), pw2, dh.mutable_data_ptr<float>(), B, N, M, chunk, &cr};
+        DhArgs args{fp(pdy), pw2, dh.mutable_data_ptr<float>(), B, N, M, chunk, &cr};
+        args.skip = skip;
         at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { dh_chunks_run(isa, args, c0, c1); });
       }
       if (need_dw) {
-        const GatherArgs args{fp(pdy), M, true, M, false, fp(ph), N, chunk, dw.mutable_data_ptr<float>(),
-                              N, chunk, &cr};
+        GatherArgs args{fp(pdy), M, true, M, false, fp(ph), N, chunk, dw.mutable_data_ptr<float>(),
+                        N, chunk, &cr};
+        args.skip = skip;
         at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { gather_chunks_run(isa, args, c0, c1); });
       }
+      for_dense_runs(dense, [&](int64_t c, int64_t ce) {
+        const int64_t width = (ce - c) * chunk;
+        if (need_dw) {
+          auto blk = masked_block(fp(ph), N, c * chunk, /*packed=*/false, cr, B, chunk, c, ce, h.options());
+          dw.narrow(1, c * chunk, width).copy_(at::mm(dy.t(), blk));
+        }
+        if (need_dh) {
+          auto full = at::mm(dy, w.narrow(1, c * chunk, width));  // then keep the active rows
+          dh.narrow(1, c * chunk, width)
+              .copy_(masked_block(full.const_data_ptr<float>(), width, 0, /*packed=*/false, cr, B, chunk, c, ce,
+                                  h.options()));
+        }
+      });
       return;
     }
     auto hp = pack_pairs<T>(h, cr, chunk, /*scale=*/false);
