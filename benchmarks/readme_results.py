@@ -95,8 +95,17 @@ def _mnist(path: Path) -> list[str]:
     if not table.exists():
         return []
     m = r.get("machine", {})
-    out = [f"`{r['command']}` ({m.get('cpu_model', '')}, {m.get('cpu_count', '?')} cores, "
-           f"{m.get('torch_threads', '?')} torch thread(s), torch {m.get('torch', '')}, {m.get('device', 'cpu')}):", "",
+    # A run split across processes and merged with --from-json lists one command per part.
+    commands = r["command"] if isinstance(r["command"], list) else [r["command"]]
+    merged = " + ".join(f"`{c}`" for c in commands)
+    if len(commands) > 1:
+        merged += f", merged by `stochgate reproduce --from-json {' '.join(r.get('merged_from', []))}`"
+    # Runs made before Config.main_lr existed used the paper-literal settings (one learning
+    # rate, output layer max-normed, KL weight from 1.0): say so beside their table.
+    legacy = "main_lr" not in r.get("config", {})
+    note = " — **paper-literal settings** (one learning rate 0.1, output layer max-normed, KL weight from 1.0; see the notes)" if legacy else ""
+    out = [f"{merged} ({m.get('cpu_model', '')}, {m.get('cpu_count', '?')} cores, "
+           f"{m.get('torch_threads', '?')} torch thread(s) per process, torch {m.get('torch', '')}, {m.get('device', 'cpu')}){note}:", "",
            table.read_text().strip(), ""]
     curves = path.with_name(path.stem + "_curves.png")
     if curves.exists():
