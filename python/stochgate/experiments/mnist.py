@@ -565,13 +565,18 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.ticker
 
     chunks = sorted({r["chunk"] for r in rows})
+    # Rows of one method at one chunk (runs of different lengths, merged) are told apart by epochs.
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        seen[(r["label"], r["chunk"])] = seen.get((r["label"], r["chunk"]), 0) + 1
     fig, axes = plt.subplots(1, len(chunks), figsize=(6.5 * len(chunks), 4.5), squeeze=False)
     for ax, c in zip(axes[0], chunks):
         for r in rows:
             if r["chunk"] != c or not r["curves"]["valid_error"]:
                 continue
             ve = r["curves"]["valid_error"]
-            ax.plot(range(1, len(ve) + 1), ve, marker="o" if len(ve) < 15 else None, ms=3, label=r["label"])
+            label = r["label"] + (f" ({r['epochs']} epochs)" if seen[(r["label"], c)] > 1 else "")
+            ax.plot(range(1, len(ve) + 1), ve, marker="o" if len(ve) < 15 else None, ms=3, label=label)
         ax.set_title(f"chunk = {c}" + (" (per-unit gating)" if c == 1 else ""))
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
