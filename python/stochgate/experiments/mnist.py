@@ -51,6 +51,7 @@ density, so every rank holds the same parameters, buffers and λ.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import math
@@ -566,9 +567,7 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
     chunks = sorted({r["chunk"] for r in rows})
     # Rows of one method at one chunk (runs of different lengths, merged) are told apart by epochs.
-    seen: dict[tuple, int] = {}
-    for r in rows:
-        seen[(r["label"], r["chunk"])] = seen.get((r["label"], r["chunk"]), 0) + 1
+    seen = collections.Counter((r["label"], r["chunk"]) for r in rows)
     fig, axes = plt.subplots(1, len(chunks), figsize=(6.5 * len(chunks), 4.5), squeeze=False)
     for ax, c in zip(axes[0], chunks):
         for r in rows:
