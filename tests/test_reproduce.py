@@ -147,14 +147,56 @@ def test_max_norm():
     assert m.out.weight.norm(dim=1).max() <= 2.0 + 1e-5
 
 
-def test_main_path_learning_rate_applies_to_sparse_gaters_only():
-    cfg = mnist.Config(lr=0.1, main_lr=1.0)
-    for name, main_lr in (("st", 1.0), ("reinforce", 1.0), ("noisy_rectifier", 1.0), ("baseline_sigmoid", 0.1)):
+@pytest.mark.parametrize("name", ["st", "sts"])
+def test_running_kl_has_the_kl_gradient_at_the_running_average(name):
+    """With ``running``, the penalty's gradient w.r.t. the gate pre-activations is that of
+    ``sum_i KL(s || q_i)`` evaluated at q = the running average (autograd through the exact KL
+    at a batch whose mean equals the running average gives the reference)."""
+    method = mnist.METHODS[name]
+    torch.manual_seed(1)
+    a = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    running = torch.tensor([0.02, 0.1, 0.3, 0.5, 0.9], dtype=torch.float64)
+    pen = mnist.sparsity_penalty(method, a, None, 0.1, running)
+    (grad,) = torch.autograd.grad(pen, a)
+    # Reference: d/da sum_i KL(s || q_i(a)) = KL'(q_i) dq_i/da, with KL' taken at `running`.
+    q = mnist.firing_probability(method, a).mean(0)
+    (dq,) = torch.autograd.grad(q, a, grad_outputs=torch.ones_like(q), is_grads_batched=False, retain_graph=True)
+    kl_prime = -0.1 / running + 0.9 / (1 - running)
+    torch.testing.assert_close(grad, dq * kl_prime)
+    # At running == batch mean it is exactly the minibatch KL's gradient.
+    qb = q.detach()
+    (g_run,) = torch.autograd.grad(mnist.sparsity_penalty(method, a, None, 0.1, qb), a)
+    (g_kl,) = torch.autograd.grad(mnist.sparsity_penalty(method, a, None, 0.1), a)
+    torch.testing.assert_close(g_run, g_kl)
+
+
+def test_trainer_updates_the_running_firing_rate():
+    cfg = mnist.Config(kl_momentum=0.9)
+    tr = mnist._Trainer(mnist.METHODS["st"], 32, cfg, torch.device("cpu"))
+    assert torch.equal(tr.model.firing_rate, torch.full((tr.model.num_chunks,), 0.1))
+    x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
+    with torch.no_grad():
+        q = torch.sigmoid(tr.model.scores(x)).mean(0)
+    tr.step(x, y)
+    torch.testing.assert_close(tr.model.firing_rate, 0.9 * 0.1 + 0.1 * q)
+    assert "firing_rate" in tr.model.state_dict()
+    # The rectifiers (L1) and the no-sparsity baseline have no running rate; 0 turns it off.
+    assert not hasattr(mnist._Trainer(mnist.METHODS["noisy_rectifier"], 32, cfg, torch.device("cpu")).model, "firing_rate")
+    tr0 = mnist._Trainer(mnist.METHODS["st"], 32, mnist.Config(kl_momentum=0.0), torch.device("cpu"))
+    tr0.step(x, y)
+    assert torch.equal(tr0.model.firing_rate, torch.full((tr0.model.num_chunks,), 0.1))
+
+
+def test_main_path_and_gater_learning_rates_apply_to_sparse_gaters_only():
+    cfg = mnist.Config(lr=0.1, main_lr=1.0, gater_lr=0.3)
+    for name, main_lr, gater_lr in (("st", 1.0, 0.3), ("reinforce", 1.0, 0.001), ("noisy_rectifier", 1.0, 0.3),
+                                    ("baseline_sigmoid", 0.1, 0.1)):
         tr = mnist._Trainer(mnist.METHODS[name], 32, cfg, torch.device("cpu"))
         lrs = {id(p): g["lr"] for g in tr.opt.param_groups for p in g["params"]}
         assert lrs[id(tr.model.main.weight)] == main_lr and lrs[id(tr.model.main.bias)] == main_lr
         assert lrs[id(tr.model.out.weight)] == 0.1
-        assert lrs[id(tr.model.gater_out.weight)] == (0.001 if name == "reinforce" else 0.1)
+        assert lrs[id(tr.model.gater_out.weight)] == gater_lr
+        assert lrs[id(tr.model.gater_hidden.weight)] == gater_lr
 
 
 def _run(idx_dir, out, *extra):
