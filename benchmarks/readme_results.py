@@ -103,7 +103,8 @@ def _mnist(path: Path) -> list[str]:
     # Runs made before Config.main_lr existed used the paper-literal settings (one learning
     # rate, output layer max-normed, KL weight from 1.0): say so beside their table.
     legacy = "main_lr" not in r.get("config", {})
-    note = " — **paper-literal settings** (one learning rate 0.1, output layer max-normed, KL weight from 1.0; see the notes)" if legacy else ""
+    note = (" — **paper-literal settings** (one constant learning rate 0.1, output layer max-normed, KL weight from 1.0, "
+            "KL at the minibatch mean; see the notes)") if legacy else ""
     out = [f"{merged} ({m.get('cpu_model', '')}, {m.get('cpu_count', '?')} cores, "
            f"{m.get('torch_threads', '?')} torch thread(s) per process, torch {m.get('torch', '')}, {m.get('device', 'cpu')}){note}:", "",
            table.read_text().strip(), ""]
@@ -142,7 +143,10 @@ def render() -> str:
                 parts.append("")
             parts.append(f"Command: `{_command(r)}` → `{f.relative_to(ROOT)}`")
             parts.append("")
-    mnist = [section for f in sorted(RESULTS.glob("mnist_*.json")) if (section := _mnist(f))]
+    # The main table first, then its companions; any other file after them, by name.
+    first = ["mnist_full", "mnist_full_c32", "mnist_st_seeds", "mnist_c32_previous", "mnist_full_st", "mnist_quick"]
+    files = sorted(RESULTS.glob("mnist_*.json"), key=lambda f: (first.index(f.stem) if f.stem in first else len(first), f.stem))
+    mnist = [section for f in files if (section := _mnist(f))]
     if mnist:
         parts.append("### MNIST reproduction (paper §5)")
         parts.append("")
