@@ -138,6 +138,25 @@ def _check_tiled_kernels(shape):
     _check_close(out[:4], ref64[:4], ref_low[:4], torch.float32, ["y", "dh", "dweight", "dbias"])
 
 
+# Per-unit gating (chunk = 1), float32 forward through the row kernels: K not a multiple of
+# 16, unit blocks with tails, rows without any active unit, one and two threads (rows split).
+@pytest.mark.parametrize("shape", [(150, 1601, 200, 0.1), (37, 83, 57, 0.5), (64, 256, 128, 1.0), (9, 7, 300, 0.02)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_unit_gating_forward_float32(shape, threads):
+    B, K, N, density = shape
+    x, w, b, g = _data(B, K, N, N, "cpu", torch.float64, density=density)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = stochgate.gated_linear(x.float(), w.float(), b.float(), g.float())
+    finally:
+        torch.set_num_threads(saved)
+    ref64 = R.gated_linear(x, w, b, g)
+    ref_low = R.gated_linear(x.float(), w.float(), b.float(), g.float())
+    _check_close([y], [ref64], [ref_low], torch.float32, ["y"])
+    assert (y[g == 0] == 0).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [1, 3, 16])
 def test_gradcheck_float64(device, C):
