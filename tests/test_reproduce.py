@@ -189,7 +189,8 @@ def test_trainer_updates_the_running_firing_rate():
 
 def test_main_path_and_gater_learning_rates_apply_to_sparse_gaters_only():
     cfg = mnist.Config(lr=0.1, main_lr=1.0, gater_lr=0.3)
-    for name, main_lr, gater_lr in (("st", 1.0, 0.3), ("reinforce", 1.0, 0.001), ("noisy_rectifier", 1.0, 0.3),
+    for name, main_lr, gater_lr in (("st", 1.0, 0.3), ("sts", 1.0, 0.3), ("reinforce", 1.0, 0.001),
+                                    ("noisy_rectifier", 1.0, 0.1), ("baseline_rectifier", 1.0, 0.1),
                                     ("baseline_sigmoid", 0.1, 0.1)):
         tr = mnist._Trainer(mnist.METHODS[name], 32, cfg, torch.device("cpu"))
         lrs = {id(p): g["lr"] for g in tr.opt.param_groups for p in g["params"]}
