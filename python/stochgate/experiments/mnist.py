@@ -405,8 +405,7 @@ class _Trainer:
         gater = [*m.gater_hidden.parameters(), *m.gater_out.parameters()]
         # The sparse gaters' main path gets its own learning rate (Config.main_lr); the
         # no-sparsity sigmoid baseline trains its main path on every example, at the common rate.
-        sparse = method.penalty != "none"
-        main_lr = cfg.main_lr if sparse else cfg.lr
+        main_lr = cfg.main_lr if method.penalty != "none" else cfg.lr
         # Config.gater_lr is for the sigmoid (KL) gaters; the rectifiers keep the common rate.
         gater_lr = method.gater_lr or (cfg.gater_lr if method.penalty == "kl" else cfg.lr)
         self.opt = torch.optim.SGD(
