@@ -52,3 +52,28 @@ def test_console_command():
     assert '"torch_version"' in out.stdout
     bad = subprocess.run([sys.executable, "-m", "stochgate.cli", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_module_links_the_shared_libstdcxx():
+    """The module must not carry its own copy of libstdc++'s stream and locale code: on the
+    H100 machine (2026-11-27) a build whose error formatting ran in such a copy crashed with
+    SIGSEGV instead of raising (see csrc/common/checks.h). Its internals defined in the
+    module would give that away."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) not installed")
+    import stochgate._C as C
+
+    out = subprocess.run([nm, "-C", "--defined-only", C.__file__], capture_output=True, text=True, check=True).stdout
+    own = [line for line in out.splitlines() if "std::locale::" in line or "std::codecvt<" in line or "std::ios_base::" in line]
+    assert not own, f"{C.__file__} defines {len(own)} libstdc++ symbols, e.g. {own[:3]}"
+
+
+def test_check_failure_raises_runtime_error_with_shapes():
+    """A failed input check in the C++ op raises (no crash) and names shapes and sizes, which
+    the module formats without std::ostream (csrc/common/checks.h)."""
+    x, w, g = torch.randn(8, 16), torch.randn(32, 16), torch.ones(8, 3)
+    with pytest.raises(RuntimeError, match=r"the 32 gated output units \(weight \[32, 16\]\) must split into gates.shape\[1\] = 3"):
+        torch.ops.stochgate.gated_linear(x, w, None, g, False)
+    with pytest.raises(RuntimeError, match=r"key must be an int64 tensor of 2 elements \(seed, offset\), got Float of shape \[3\]"):
+        torch.ops.stochgate.binary_sample(torch.ones(3), torch.ones(3))

@@ -298,7 +298,7 @@ at::Tensor noisy_rectifier_cpu(const at::Tensor& x, const at::Tensor& key, doubl
                                bool logistic) {
   check_floating(x, "stochgate::noisy_rectifier", "x");
   check_key(key, "stochgate::noisy_rectifier");
-  TORCH_CHECK(sigma >= 0, "stochgate::noisy_rectifier: sigma must be >= 0, got ", sigma);
+  STOCHGATE_CHECK(sigma >= 0, "stochgate::noisy_rectifier: sigma must be >= 0, got ", sigma);
   const auto [seed, offset] = cpu_key_values(key);
   auto in = x.contiguous();
   auto out = at::empty_like(in);
@@ -346,7 +346,7 @@ at::Tensor reinforce_backward_cpu(const at::Tensor& grad, const at::Tensor& logi
                                   const at::Tensor& h, const at::Tensor& loss,
                                   const at::Tensor& baseline, double scale) {
   check_reinforce_inputs(logits, h, loss, baseline);
-  TORCH_CHECK(grad.numel() == 1, "stochgate::reinforce_backward: grad must be a scalar, got ",
+  STOCHGATE_CHECK(grad.numel() == 1, "stochgate::reinforce_backward: grad must be a scalar, got ",
               grad.sizes());
   auto x = logits.contiguous();
   auto hc = h.to(x.scalar_type()).contiguous();

@@ -45,9 +45,9 @@ struct KeyArg {
 KeyArg key_arg(const at::Tensor& logits, const at::Tensor& key, const char* op) {
   check_key(key, op);
   if (key.is_cuda()) {
-    TORCH_CHECK(key.device() == logits.device(), op, ": key is on ", key.device(),
+    STOCHGATE_CHECK(key.device() == logits.device(), op, ": key is on ", key.device(),
                 " but the input is on ", logits.device());
-    TORCH_CHECK(key.is_contiguous(), op, ": a CUDA key must be contiguous");
+    STOCHGATE_CHECK(key.is_contiguous(), op, ": a CUDA key must be contiguous");
     return KeyArg{key.const_data_ptr<int64_t>(), 0, 0};
   }
   const auto [seed, offset] = cpu_key_values(key);
@@ -233,7 +233,7 @@ struct MakeNoisy {
 
 at::Tensor noisy_rectifier_cuda(const at::Tensor& x, const at::Tensor& key, double sigma,
                                 bool logistic) {
-  TORCH_CHECK(sigma >= 0, "stochgate::noisy_rectifier: sigma must be >= 0, got ", sigma);
+  STOCHGATE_CHECK(sigma >= 0, "stochgate::noisy_rectifier: sigma must be >= 0, got ", sigma);
   return launch_sample(x, key, "stochgate::noisy_rectifier", "x", MakeNoisy{sigma, logistic});
 }
 
@@ -290,7 +290,7 @@ at::Tensor reinforce_backward_cuda(const at::Tensor& grad, const at::Tensor& log
                                    const at::Tensor& h, const at::Tensor& loss,
                                    const at::Tensor& baseline, double scale) {
   check_reinforce_inputs(logits, h, loss, baseline);
-  TORCH_CHECK(grad.numel() == 1, "stochgate::reinforce_backward: grad must be a scalar, got ",
+  STOCHGATE_CHECK(grad.numel() == 1, "stochgate::reinforce_backward: grad must be a scalar, got ",
               grad.sizes());
   check_same_device(grad, logits, "stochgate::reinforce_backward", "grad", "logits");
   c10::cuda::CUDAGuard guard(logits.device());

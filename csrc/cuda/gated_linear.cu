@@ -27,7 +27,8 @@
 //                       reduction of dy * pre (pre dense via cuBLAS for full_gate_grad, else
 //                       recomputed on active pairs only).
 //
-// Status: compiled for sm_80/sm_90 but not yet run on a GPU when written.
+// Status: tested on an H100 (benchmarks/GPU_NOTES.md: correct, compute-sanitizer clean; the
+// GEMM reaches ~23% of cuBLAS, the row reductions are bound by the partial-sum traffic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -37,6 +38,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <initializer_list>
 #include <cstdint>
 #include <tuple>
 
@@ -76,7 +78,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 unsigned grid_1d(int64_t work, int64_t per_block = kThreads) {
   const int64_t blocks = ceil_div(work, per_block);
-  TORCH_CHECK(blocks <= 0x7fffffff, "stochgate gated matmul: tensor too large for the grid");
+  STOCHGATE_CHECK(blocks <= 0x7fffffff, "stochgate gated matmul: tensor too large for the grid");
   return static_cast<unsigned>(std::max<int64_t>(blocks, 1));
 }
 
@@ -285,7 +287,7 @@ Routing route(const at::Tensor& gates, at::ScalarType acc_type, cudaStream_t str
   r.B = gates.size(0);
   r.C = gates.size(1);
   const int64_t B = r.B, C = r.C;
-  TORCH_CHECK(B * C < (int64_t{1} << 31), "stochgate gated matmul: B * C = ", B * C,
+  STOCHGATE_CHECK(B * C < (int64_t{1} << 31), "stochgate gated matmul: B * C = ", B * C,
               " (gates ", gates.sizes(), ") exceeds the int32 pair index of the CUDA kernels");
   auto g = gates.contiguous();
   auto iopt = g.options().dtype(at::kInt);
@@ -298,7 +300,7 @@ Routing route(const at::Tensor& gates, at::ScalarType acc_type, cudaStream_t str
   const int64_t T = ceil_div(B, kRouteTile);
   auto tile_cnt = at::empty({std::max<int64_t>(C * T, 1)}, iopt);
   auto tile_off = at::empty({std::max<int64_t>(C * T, 1)}, iopt);
-  TORCH_CHECK(T <= 65535 && ceil_div(C, 32) <= 65535,
+  STOCHGATE_CHECK(T <= 65535 && ceil_div(C, 32) <= 65535,
               "stochgate gated matmul: gates ", gates.sizes(), " too large for the routing grid");
 
   if (acc_type == at::kDouble) {
@@ -324,51 +326,135 @@ void build_row_lists(Routing& r, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------
 // Elementwise kernels over a dense (B, units) tensor whose units split into C chunks.
 
-// out[b, u] = 0 where chunk u / chunk of row b is off (the active entries are written by a
-// GEMM): the "exact zeros" of gated-off chunks without a full memset.
+// Grid of the elementwise kernels over (B, units): x = blocks of kThreads * vec units, y =
+// row groups (each thread walks rows y, y + gridDim.y, ...), so that a thread's chunk index is
+// computed once, with no 64-bit division per element.
+dim3 elementwise_grid(int64_t B, int64_t units, int vec) {
+  STOCHGATE_CHECK(units < (int64_t{1} << 31), "stochgate gated matmul: ", units,
+              " units per row exceed the CUDA kernels' 32-bit unit index");
+  const int64_t x = ceil_div(units, int64_t{kThreads} * vec);
+  const int64_t y = std::max<int64_t>(1, std::min<int64_t>(B, std::max<int64_t>(1, 65536 / x)));
+  STOCHGATE_CHECK(x <= 0x7fffffff, "stochgate gated matmul: tensor too large for the grid");
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(std::min<int64_t>(y, 65535)));
+}
+
+// Elements per thread of the elementwise kernels: a 16-byte vector when every vector lies in
+// one chunk of one row and the pointers allow it, else 1.
 template <typename T>
+int elementwise_vec(int64_t units, int64_t chunk, std::initializer_list<const void*> ptrs) {
+  constexpr int V = 16 / sizeof(T);
+  if (units % V != 0 || chunk % V != 0) return 1;
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return V;
+}
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// out[b, u] = 0 where chunk u / chunk of row b is off (the active entries are written by a
+// GEMM): the "exact zeros" of gated-off chunks without a full memset. Thread: VEC units.
+template <typename T, int VEC>
 __global__ void zero_inactive_kernel(T* __restrict__ out, const uint8_t* __restrict__ mask_t,
                                      int64_t B, int64_t units, int64_t chunk) {
-  const int64_t total = B * units;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = i / units, c = (i % units) / chunk;
-    if (!mask_t[c * B + b]) out[i] = T(0);
+  const int64_t u = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (u >= units) return;
+  const int64_t c = static_cast<unsigned>(u) / static_cast<unsigned>(chunk);
+  const uint8_t* m = mask_t + c * B;
+  Pack<T, VEC> zero;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) zero.v[e] = T(0);
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    if (!m[b]) *reinterpret_cast<Pack<T, VEC>*>(out + b * units + u) = zero;
   }
 }
 
 // dpre[b, u] = T(g[b, c] * dy[b, u]) on active pairs only; off entries stay unwritten and are
 // never read (every consumer walks the routed pairs).
-template <typename T, typename AccT>
+template <typename T, typename AccT, int VEC>
 __global__ void gated_grad_kernel(const T* __restrict__ dy, const uint8_t* __restrict__ mask_t,
                                   const AccT* __restrict__ gate_t, int64_t B, int64_t units,
                                   int64_t chunk, T* __restrict__ dpre) {
-  const int64_t total = B * units;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = i / units, c = (i % units) / chunk;
-    if (mask_t[c * B + b]) dpre[i] = static_cast<T>(gate_t[c * B + b] * static_cast<AccT>(dy[i]));
+  const int64_t u = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (u >= units) return;
+  const int64_t c = static_cast<unsigned>(u) / static_cast<unsigned>(chunk);
+  const uint8_t* m = mask_t + c * B;
+  const AccT* g = gate_t + c * B;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    if (m[b]) {
+      const Pack<T, VEC> d = *reinterpret_cast<const Pack<T, VEC>*>(dy + b * units + u);
+      Pack<T, VEC> o;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o.v[e] = static_cast<T>(g[b] * static_cast<AccT>(d.v[e]));
+      *reinterpret_cast<Pack<T, VEC>*>(dpre + b * units + u) = o;
+    }
   }
 }
 
-unsigned grid_stride_blocks(int64_t work) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), sms * 32)));
+template <typename T>
+void zero_inactive(at::Tensor& out, const Routing& r, int64_t chunk, cudaStream_t stream) {
+  const int64_t B = out.size(0), units = out.size(1);
+  if (B == 0 || units == 0) return;
+  T* o = out.mutable_data_ptr<T>();
+  const uint8_t* m = r.mask_t.const_data_ptr<uint8_t>();
+  constexpr int V = 16 / sizeof(T);
+  if (elementwise_vec<T>(units, chunk, {o}) == V) {
+    zero_inactive_kernel<T, V><<<elementwise_grid(B, units, V), kThreads, 0, stream>>>(o, m, B, units, chunk);
+  } else {
+    zero_inactive_kernel<T, 1><<<elementwise_grid(B, units, 1), kThreads, 0, stream>>>(o, m, B, units, chunk);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// dbias[u] = sum over the active rows of u's chunk, in row order, of dpre[row, u].
 template <typename T, typename AccT>
-__global__ void gated_bias_grad_kernel(const T* __restrict__ dpre, const int* __restrict__ group_off,
-                                       const int* __restrict__ rows, int64_t units, int64_t chunk,
-                                       T* __restrict__ dbias) {
+void gated_grad(const at::Tensor& dy, at::Tensor& dpre, const Routing& r, int64_t chunk, cudaStream_t stream) {
+  const int64_t B = dy.size(0), units = dy.size(1);
+  if (B == 0 || units == 0) return;
+  const T* d = dy.const_data_ptr<T>();
+  T* o = dpre.mutable_data_ptr<T>();
+  const uint8_t* m = r.mask_t.const_data_ptr<uint8_t>();
+  const AccT* g = r.gate_t.const_data_ptr<AccT>();
+  constexpr int V = 16 / sizeof(T);
+  if (elementwise_vec<T>(units, chunk, {d, o}) == V) {
+    gated_grad_kernel<T, AccT, V><<<elementwise_grid(B, units, V), kThreads, 0, stream>>>(d, m, g, B, units, chunk, o);
+  } else {
+    gated_grad_kernel<T, AccT, 1><<<elementwise_grid(B, units, 1), kThreads, 0, stream>>>(d, m, g, B, units, chunk, o);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dbias[u] = sum over the active rows of u's chunk of dpre[row, u], in two deterministic
+// passes: the chunk's pair list is cut into kBiasSegments equal parts (grid y), each summed
+// in row order into partial[s, u]; then the parts are added in order.
+constexpr int kBiasSegments = 64;
+
+template <typename T, typename AccT>
+__global__ void bias_grad_partial_kernel(const T* __restrict__ dpre, const int* __restrict__ group_off,
+                                         const int* __restrict__ rows, int64_t units, int64_t chunk,
+                                         AccT* __restrict__ partial) {
   const int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t s = blockIdx.y;
   if (u >= units) return;
   const int64_t c = u / chunk;
-  AccT s = 0;
-  for (int64_t i = group_off[c]; i < group_off[c + 1]; ++i) {
-    s += static_cast<AccT>(dpre[static_cast<int64_t>(rows[i]) * units + u]);
-  }
-  dbias[u] = static_cast<T>(s);
+  const int64_t begin = group_off[c], n = group_off[c + 1] - begin;
+  const int64_t lo = begin + n * s / kBiasSegments, hi = begin + n * (s + 1) / kBiasSegments;
+  AccT acc = 0;
+  for (int64_t i = lo; i < hi; ++i) acc += static_cast<AccT>(dpre[static_cast<int64_t>(rows[i]) * units + u]);
+  partial[s * units + u] = acc;
+}
+
+template <typename T, typename AccT>
+__global__ void bias_grad_finish_kernel(const AccT* __restrict__ partial, int64_t units,
+                                        T* __restrict__ dbias) {
+  const int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (u >= units) return;
+  AccT acc = 0;
+#pragma unroll 8
+  for (int s = 0; s < kBiasSegments; ++s) acc += partial[s * units + u];
+  dbias[u] = static_cast<T>(acc);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -377,22 +463,45 @@ __global__ void gated_bias_grad_kernel(const T* __restrict__ dpre, const int* __
 // Bmat_c[u, o] = W[o, c*chunk + u]) and by dx of gated_linear (A = dpre, Bmat_c[u, o] =
 // W[c*chunk + u, o]).
 
-// Sum of the per-pair partials (pairs, ld) of b's active chunks, in chunk order.
+// Sum of the per-pair partials (pairs, ld) of b's active chunks, in chunk order. Each thread
+// owns 4 consecutive columns of one row (one 16-byte load per partial when the row is whole
+// vectors); `tpr` threads cover a row's columns, blockDim.x / tpr rows share a block.
 template <typename T, typename AccT>
 __global__ void segment_sum_kernel(const AccT* __restrict__ partial, int64_t ld, int64_t width,
                                    const int* __restrict__ row_cnt, const int* __restrict__ row_chunks,
-                                   const int* __restrict__ pair_of, int64_t C, const T* __restrict__ bias,
-                                   T* __restrict__ out, int64_t ldo) {
-  const int64_t b = blockIdx.x;
-  const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (o >= width) return;
-  AccT s = bias != nullptr ? static_cast<AccT>(bias[o]) : AccT(0);
+                                   const int* __restrict__ pair_of, int64_t B, int64_t C, int tpr,
+                                   const T* __restrict__ bias, T* __restrict__ out, int64_t ldo) {
+  const int rows_per_block = blockDim.x / tpr;
+  if (static_cast<int>(threadIdx.x) / tpr >= rows_per_block) return;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr;
+  const int64_t o = (static_cast<int64_t>(blockIdx.y) * tpr + threadIdx.x % tpr) * 4;
+  if (b >= B || o >= width) return;
+  const bool whole = o + 4 <= width && std::is_same_v<AccT, float> && ld % 4 == 0;
+  AccT s[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) s[e] = (bias != nullptr && o + e < width) ? static_cast<AccT>(bias[o + e]) : AccT(0);
   const int n = row_cnt[b];
   for (int j = 0; j < n; ++j) {
-    const int64_t pair = pair_of[b * C + row_chunks[b * C + j]];
-    s += partial[pair * ld + o];
+    const AccT* src = partial + static_cast<int64_t>(pair_of[b * C + row_chunks[b * C + j]]) * ld + o;
+    if constexpr (std::is_same_v<AccT, float>) {
+      if (whole) {
+        const float4 v = *reinterpret_cast<const float4*>(src);
+        s[0] += v.x;
+        s[1] += v.y;
+        s[2] += v.z;
+        s[3] += v.w;
+        continue;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (o + e < width) s[e] += src[e];
+    }
   }
-  out[b * ldo + o] = static_cast<T>(s);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if (o + e < width) out[b * ldo + o + e] = static_cast<T>(s[e]);
+  }
 }
 
 // The per-row path: thread o of row b walks b's active chunks; Bn is N-major (units, ldb).
@@ -461,7 +570,7 @@ void row_reduce(const at::Tensor& A, const at::Tensor& W, bool w_rows_are_output
   constexpr int64_t kTileN = 128;  // slice widths are whole N tiles of either GEMM config
   const bool grouped = chunk >= kMinGroupedChunk && col_bytes * std::min(kTileN, width) <= kPartialBudgetBytes;
   const dim3 seg_grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(width, kThreads)));
-  TORCH_CHECK(B <= 0x7fffffff && ceil_div(width, kThreads) <= 65535,
+  STOCHGATE_CHECK(B <= 0x7fffffff && ceil_div(width, kThreads) <= 65535,
               "stochgate gated matmul: output (", B, ", ", width, ") too large for the grid");
   if (!grouped) {
     at::Tensor Bn = w_rows_are_outputs ? W.t().contiguous() : W;  // (units, width)
@@ -497,10 +606,15 @@ void row_reduce(const at::Tensor& A, const at::Tensor& W, bool w_rows_are_output
       p.b = operand<T>(w + o0, width, chunk * width, false, ns);
       gated::launch_grouped_gemm<T, AccT, true, false>(p, stream);
     }
-    const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(ns, kThreads)));
+    // 4 columns per thread; a row's threads rounded up to whole warps (at most a block).
+    const int64_t quads = ceil_div(ns, 4);
+    int tpr = 32;
+    while (tpr < kThreads && tpr < quads) tpr *= 2;
+    const int64_t rows_per_block = kThreads / tpr;
+    const dim3 grid(static_cast<unsigned>(ceil_div(B, rows_per_block)), static_cast<unsigned>(ceil_div(quads, tpr)));
     segment_sum_kernel<T, AccT><<<grid, kThreads, 0, stream>>>(
         partial.const_data_ptr<AccT>(), slice, ns, r.row_cnt.const_data_ptr<int>(),
-        r.row_chunks.const_data_ptr<int>(), r.pair_of.const_data_ptr<int>(), C,
+        r.row_chunks.const_data_ptr<int>(), r.pair_of.const_data_ptr<int>(), B, C, tpr,
         bias != nullptr ? bias + o0 : nullptr, out.mutable_data_ptr<T>() + o0, width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -513,9 +627,7 @@ void gated_linear_into(const at::Tensor& x, const at::Tensor& w, const T* bias, 
                        const Routing& r, int64_t chunk, bool scale, cudaStream_t stream) {
   const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
   if (B == 0 || N == 0) return;
-  zero_inactive_kernel<T><<<grid_stride_blocks(B * N), kThreads, 0, stream>>>(
-      y.mutable_data_ptr<T>(), r.mask_t.const_data_ptr<uint8_t>(), B, N, chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  zero_inactive<T>(y, r, chunk, stream);
   auto p = routed_params<T, T>(r);
   p.a = operand<T>(x.const_data_ptr<T>(), K, 0, /*gather=*/true, K);  // x[rows[seg+m], k]
   p.b = operand<T>(w.const_data_ptr<T>(), K, chunk * K, false, K);    // W[c*chunk + n, k]
@@ -614,10 +726,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     at::Tensor dpre;
     if (need_dx || need_dw || need_db) {
       dpre = at::empty({B, N}, x.options());
-      gated_grad_kernel<T, AccT><<<grid_stride_blocks(B * N), kThreads, 0, stream>>>(
-          dy.const_data_ptr<T>(), r.mask_t.const_data_ptr<uint8_t>(), r.gate_t.const_data_ptr<AccT>(),
-          B, N, chunk, dpre.mutable_data_ptr<T>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gated_grad<T, AccT>(dy, dpre, r, chunk, stream);
     }
     if (need_dx && K > 0) {
       // dx[b] = sum over active c of dpre[b, chunk c] @ W[chunk c, :]
@@ -641,9 +750,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
       gated::launch_grouped_gemm<T, T, false, false>(p, stream);
     }
     if (need_db) {
-      gated_bias_grad_kernel<T, AccT><<<grid_1d(N), kThreads, 0, stream>>>(
+      at::Tensor partial = at::empty({kBiasSegments, N}, x.options().dtype(acc_type_of(x.scalar_type())));
+      bias_grad_partial_kernel<T, AccT><<<dim3(grid_1d(N), kBiasSegments), kThreads, 0, stream>>>(
           dpre.const_data_ptr<T>(), r.group_off.const_data_ptr<int>(), r.rows.const_data_ptr<int>(), N,
-          chunk, db.mutable_data_ptr<T>());
+          chunk, partial.mutable_data_ptr<AccT>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bias_grad_finish_kernel<T, AccT><<<grid_1d(N), kThreads, 0, stream>>>(
+          partial.const_data_ptr<AccT>(), N, db.mutable_data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (need_dg) {
@@ -718,9 +831,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cuda(
     using T = scalar_t;
     if (need_dh) {
       // dh[b, c*chunk + n] = dy[b] @ W[:, c*chunk + n] on active pairs, 0 elsewhere.
-      zero_inactive_kernel<T><<<grid_stride_blocks(B * N), kThreads, 0, stream>>>(
-          dh.mutable_data_ptr<T>(), r.mask_t.const_data_ptr<uint8_t>(), B, N, chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      zero_inactive<T>(dh, r, chunk, stream);
       auto p = routed_params<T, T>(r);
       p.a = operand<T>(dy.const_data_ptr<T>(), M, 0, /*gather=*/true, M);  // dy[rows[seg+m], k]
       p.b = operand<T>(w.const_data_ptr<T>(), N, chunk, false, chunk);    // W[k, c*chunk + n]

@@ -41,6 +41,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/Exception.h>
+
+#include "../common/checks.h"
 #endif
 
 namespace stochgate {
@@ -80,6 +82,7 @@ struct GroupedGemmParams {
   const T* bias = nullptr;  // nullable
   int64_t bias_group_stride = 0;
   bool scale_by_gate = false;
+  bool out_pair = false;  // set by launch_grouped_gemm: (n, n + 1) outputs stored as one vector
 };
 
 
@@ -273,6 +276,35 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
     if (p.out_rows == OutRows::kGathered) row = grows[m];
     p.out[c * p.out_group_stride + row * p.ldo + n] = static_cast<OutT>(v);
   };
+  // Outputs (ml, nl) and (ml, nl + 1), nl even: one 2-element store when both are in range
+  // and out_pair says the address is aligned for it.
+  auto store2 = [&](int ml, int nl, AccT v0, AccT v1) {
+    const int64_t m = m0 + ml, n = n0 + nl;
+    if (m >= M || n >= N) return;
+    if (!p.out_pair || n + 1 >= N) {
+      store(ml, nl, v0);
+      store(ml, nl + 1, v1);
+      return;
+    }
+    if (p.bias != nullptr) {
+      v0 += static_cast<AccT>(p.bias[c * p.bias_group_stride + n]);
+      v1 += static_cast<AccT>(p.bias[c * p.bias_group_stride + n + 1]);
+    }
+    if (p.scale_by_gate) {
+      const AccT g = p.pair_gate[seg + m];
+      v0 *= g;
+      v1 *= g;
+    }
+    int64_t row = m;
+    if (p.out_rows == OutRows::kPair) row = seg + m;
+    if (p.out_rows == OutRows::kGathered) row = grows[m];
+    struct alignas(2 * sizeof(OutT)) Two {
+      OutT v[2];
+    } two;
+    two.v[0] = static_cast<OutT>(v0);
+    two.v[1] = static_cast<OutT>(v1);
+    *reinterpret_cast<Two*>(p.out + c * p.out_group_stride + row * p.ldo + n) = two;
+  };
 
   // Pipeline: STAGES-1 tiles in flight; one commit group per iteration (possibly empty) so
   // that wait_group<STAGES-2> always means "tile kt has landed".
@@ -352,10 +384,10 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < 4; r += 2) {
           const int ml = wm * WM + mi * 16 + lane / 4 + (r / 2) * 8;
-          const int nl = wn * WN + ni * 8 + (lane % 4) * 2 + (r % 2);
-          store(ml, nl, acc[mi][ni][r]);
+          const int nl = wn * WN + ni * 8 + (lane % 4) * 2;
+          store2(ml, nl, acc[mi][ni][r], acc[mi][ni][r + 1]);
         }
   } else {
     // SIMT: thread (tm, tn) owns rows tm + 16 i and columns tn + 16 j (i, j < 4).
@@ -420,11 +452,14 @@ void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStr
   if (p.num_groups <= 0 || p.max_m <= 0 || p.max_n <= 0) return;
   const int64_t mt = (p.max_m + Cfg::BM - 1) / Cfg::BM;
   const int64_t nt = (p.max_n + Cfg::BN - 1) / Cfg::BN;
-  TORCH_CHECK(mt <= 65535 && nt <= 65535,
+  STOCHGATE_CHECK(mt <= 65535 && nt <= 65535,
               "stochgate gated matmul: problem too large for the CUDA grid (", p.max_m, " x ",
               p.max_n, " outputs per chunk)");
   constexpr int smem = detail::smem_bytes<T, AK, BK>();
   auto kernel = detail::grouped_gemm_kernel<T, OutT, AK, BK>;
+  GroupedGemmParams<T, OutT, acc_of<T>> q = p;
+  q.out_pair = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(OutT)) == 0 && p.ldo % 2 == 0 &&
+               p.out_group_stride % 2 == 0;
   if constexpr (smem > 48 * 1024) {
     // Not a stream operation: legal during CUDA graph capture.
     C10_CUDA_CHECK(
@@ -432,7 +467,7 @@ void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStr
   }
   const dim3 grid(static_cast<unsigned>(p.num_groups), static_cast<unsigned>(mt),
                   static_cast<unsigned>(nt));
-  kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
+  kernel<<<grid, Cfg::THREADS, smem, stream>>>(q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
