@@ -229,10 +229,19 @@ def test_compile_fullgraph(device):
             torch.testing.assert_close(a.grad, r.grad)
 
 
-def test_compile_inductor_cpu():
-    x, w, b, g = _data(8, 12, 32, 4, "cpu", torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_inductor(device):
+    """The default backend (inductor; Triton on CUDA) fuses around the op, forward and backward."""
+    x, w, b, g = _data(8, 12, 32, 4, device, torch.float32)
     fn = torch.compile(lambda x, w, b, g: stochgate.gated_linear(x, w, b, g) * 2, fullgraph=True)
-    torch.testing.assert_close(fn(x, w, b, g), 2 * R.gated_linear(x, w, b, g))
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = fn(*args, g)
+    torch.testing.assert_close(out, 2 * R.gated_linear(x, w, b, g))
+    out.sum().backward()
+    ref_args = [t.clone().requires_grad_() for t in (x, w, b)]
+    (2 * R.gated_linear(*ref_args, g)).sum().backward()
+    for a, r in zip(args, ref_args):
+        torch.testing.assert_close(a.grad, r.grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)

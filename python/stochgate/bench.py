@@ -183,10 +183,12 @@ BLOCK_METHODS = {name: _block(METHODS["gated_linear"][name], METHODS["gated_inpu
 MAX_GATHER_CHUNKS = 256
 
 
-def available_methods(device: str) -> list[str]:
+def available_methods(device: str, wanted: list[str] | None = None) -> list[str]:
     names = ["stochgate", "dense", "gather", "sparse"]
     if device == "cuda" and hasattr(torch, "_grouped_mm"):
         names.append("grouped_mm")
+    if wanted is not None:
+        names = [n for n in names if n in ("stochgate", "dense") or n in wanted]
     return names
 
 
@@ -281,7 +283,7 @@ def bench_matmul(args, progress) -> list[dict]:
         for density in args.density:
             inputs, grad_args = make_inputs(args.op, args.batch, args.in_features, args.out_features, chunk, density, dtype, device)
             runs, failed, outputs = {}, {}, {}
-            for name in available_methods(device):
+            for name in available_methods(device, args.methods):
                 fn = table[name]
                 if name == "gather" and args.out_features // chunk > MAX_GATHER_CHUNKS:
                     failed[name] = f"skipped: {args.out_features // chunk} chunks is too many Python iterations"
@@ -298,7 +300,7 @@ def bench_matmul(args, progress) -> list[dict]:
                 failed[name] = why
             samples = time_interleaved(runs, args.repeats, device)
             dense = statistics.median(samples["dense"]) if "dense" in samples else float("nan")
-            for name in available_methods(device):
+            for name in available_methods(device, args.methods):
                 row = {"op": args.op, "mode": args.mode, "chunk": chunk, "density": density, "method": name}
                 if name in samples:
                     med = statistics.median(samples[name])
@@ -459,7 +461,7 @@ def print_tables(result: dict) -> None:
     a = result["args"]
     print(f"\n{a['op']} {a['mode']} | {a['device']} {a['dtype']} | B={a['batch']} in={a['in_features']} out={a['out_features']} | "
           f"median of {a['repeats']} | {result['machine']['processor']}, {result['machine']['cpu_threads']} threads")
-    methods = [m for m in available_methods(a["device"])]
+    methods = available_methods(a["device"], a.get("methods"))
     print(f"{'chunk':>6} {'density':>8} " + " ".join(f"{m + ' ms':>14}" for m in methods) + "   speedup vs dense (stochgate)")
     by_cfg: dict = {}
     for r in result["matmul"]:
@@ -558,6 +560,8 @@ def parse_args(argv):
     p.add_argument("--op", default="gated_linear", choices=["gated_linear", "gated_input_linear", "block"])
     p.add_argument("--mode", default="forward", choices=["forward", "train"])
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration (default 7; --quick 3)")
+    p.add_argument("--methods", nargs="+", default=None, choices=["stochgate", "dense", "gather", "sparse", "grouped_mm"],
+                   help="which implementations to time (default: all available; stochgate and dense always run)")
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
     p.add_argument("--no-estimators", action="store_true", help="skip the estimator kernel timings")
     p.add_argument("--no-train-step", action="store_true", help="skip the full training step timings")
