@@ -2,8 +2,8 @@
 
     python benchmarks/readme_results.py
 
-Reads benchmarks/results/cpu_*.json (from benchmarks/run_cpu.sh), gpu_*.json (from
-benchmarks/gpu_check.sh, when a GPU session has committed them) and mnist_*.json (from
+Reads benchmarks/results/cpu_*.json (from benchmarks/run_cpu.sh), gpu_h100.json (from
+benchmarks/gpu_check.sh → benchmarks/gpu_bench.py on an H100) and mnist_*.json (from
 `stochgate reproduce`), and replaces the text between the results markers in README.md.
 """
 
@@ -114,9 +114,74 @@ def _mnist(path: Path) -> list[str]:
     return out
 
 
+def _gpu(path: Path) -> list[str]:
+    """The GPU benchmark (benchmarks/gpu_bench.py): one table of every op, pass and dtype over
+    the densities, the estimator kernels against copy bandwidth, the training step."""
+    r = json.loads(path.read_text())
+    info, c = r["info"], r["info"]["ceilings"]
+    runs = {k: v for k, v in r.items() if k not in ("info", "kernels") and "matmul" in v}
+    first = next(iter(runs.values()))["args"]
+    shape = f"B={first['batch']}, K=N={first['in_features']}, chunk {first['chunk'][0]}"
+    bf16 = c[f"gemm_bfloat16_{first['batch']}x{first['in_features']}x{first['out_features']}_TFLOPs"]
+    fp32 = c[f"gemm_float32_{first['batch']}x{first['in_features']}x{first['out_features']}_TFLOPs"]
+    out = [
+        f"Machine: {info['gpu']}, torch {info['torch']}, CUDA {info['cuda']}, kernels built for sm_{info['build']['cuda_archs']}. "
+        f"Ceilings measured in the same run: device-to-device copy {c['copy_GBps']:.0f} GB/s (bytes read + written), "
+        f"cuBLAS {bf16:.0f} TFLOP/s in bf16 and {fp32:.0f} TFLOP/s in fp32 (TF32 off) at {first['batch']}×{first['in_features']}×{first['out_features']}. "
+        f"{shape}, random gates at each density; medians of {first['repeats']} (CUDA events). Each cell: stochgate ms, "
+        f"speedup over dense (cuBLAS + mask), and over the best alternative (pure-PyTorch gather loop, `torch._grouped_mm` "
+        f"on rows gathered per chunk) in parentheses. Kernel history, predictions and Nsight Compute readings: "
+        f"`benchmarks/GPU_NOTES.md`.",
+        "",
+    ]
+    densities = [row["density"] for row in next(iter(runs.values()))["matmul"] if row["method"] == "stochgate"]
+    out.append("| op | pass | dtype | " + " | ".join(f"d = {d:g}" for d in densities) + " |")
+    out.append("| --- | --- | --- | " + " | ".join("---:" for _ in densities) + " |")
+    for run in runs.values():
+        a = run["args"]
+        cells = []
+        for d in densities:
+            rows = {row["method"]: row for row in run["matmul"] if row["density"] == d}
+            ours = rows["stochgate"]["median_s"]
+            alts = [x["median_s"] for m, x in rows.items() if m not in ("stochgate", "dense") and x.get("median_s")]
+            alt = f" ({min(alts) / ours:.2f}x)" if alts else ""
+            cells.append(f"{ours * 1e3:.2f} ms, **{rows['stochgate']['speedup_vs_dense']:.2f}x**{alt}")
+        op = "block (both ops)" if a["op"] == "block" else f"`{a['op']}`"
+        out.append(f"| {op} | {'fwd+bwd' if a['mode'] == 'train' else 'fwd'} | {a['dtype']} | " + " | ".join(cells) + " |")
+    out.append("")
+    est = info.get("estimator_kernels", {})
+    if est and "error" not in est:
+        out.append("Fused estimator kernels alone (the op, no autograd), 64M elements; GB/s counts each input read once "
+                   "and the output written once, against the copy above:")
+        out.append("")
+        out.append("| kernel | float32 ms | GB/s | % of copy | bfloat16 ms | GB/s | % of copy |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        names = dict.fromkeys(k.rsplit("_", 1)[0] for k in est)
+        for name in names:
+            cells = []
+            for dt in ("float32", "bfloat16"):
+                e = est[f"{name}_{dt}"]
+                cells.append(f"{e['ms']:.3f} | {e['GBps']:.0f} | {100 * e['GBps'] / c['copy_GBps']:.0f}%")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    block = r.get("bf16_block_train", {})
+    if block.get("train_step"):
+        out.extend(_train_table(block))
+        out.append("")
+    out.append(f"Command: `bash benchmarks/gpu_check.sh \"$OUT\"` (its benchmark step is `python benchmarks/gpu_bench.py DIR`) → "
+               f"`{path.relative_to(ROOT)}`")
+    return out
+
+
 def render() -> str:
     parts: list[str] = []
-    for prefix, title in (("cpu", "CPU"), ("gpu", "GPU")):
+    gpu = RESULTS / "gpu_h100.json"
+    if gpu.exists():
+        parts.append("### Gated matmuls and estimators, GPU (H100)")
+        parts.append("")
+        parts.extend(_gpu(gpu))
+        parts.append("")
+    for prefix, title in (("cpu", "CPU"),):
         order = ["gated_linear_forward", "gated_linear_train", "gated_input_linear_forward", "gated_input_linear_train", "block_train"]
         files = sorted(RESULTS.glob(f"{prefix}_*.json"),
                        key=lambda f: order.index(f.stem[len(prefix) + 1:]) if f.stem[len(prefix) + 1:] in order else len(order))
