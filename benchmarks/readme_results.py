@@ -209,7 +209,7 @@ def render() -> str:
             parts.append(f"Command: `{_command(r)}` → `{f.relative_to(ROOT)}`")
             parts.append("")
     # The main table first, then its companions; any other file after them, by name.
-    first = ["mnist_full", "mnist_full_c32", "mnist_st_seeds", "mnist_st40", "mnist_c32_previous", "mnist_full_st", "mnist_quick"]
+    first = ["mnist_full", "mnist_full_c32", "mnist_st_seeds", "mnist_c32_previous", "mnist_full_st", "mnist_quick"]
     files = sorted(RESULTS.glob("mnist_*.json"), key=lambda f: (first.index(f.stem) if f.stem in first else len(first), f.stem))
     mnist = [section for f in files if (section := _mnist(f))]
     if mnist:

@@ -188,6 +188,36 @@ def test_trainer_updates_the_running_firing_rate():
     assert torch.equal(tr0.model.firing_rate, torch.full((tr0.model.num_chunks,), 0.1))
 
 
+def test_lambda_watches_the_running_firing_rate():
+    """Default (lambda_signal="running"): a KL gater's λ moves by lambda_factor_running per step
+    on the running firing rate the penalty uses, whatever the sampled density; "batch" (the
+    paper's rule) and the rectifiers follow the sampled density with lambda_factor."""
+    x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
+    cfg = mnist.Config(kl_momentum=0.999, kl_weight=0.5)
+    tr = mnist._Trainer(mnist.METHODS["st"], 32, cfg, torch.device("cpu"))
+    assert tr.lam.value == 0.5
+    with torch.no_grad():  # running rate far above target: λ grows by exactly 1.001 per step
+        tr.model.firing_rate.fill_(0.5)
+    tr.step(x, y)
+    assert tr.lam.value == pytest.approx(0.5 * cfg.lambda_factor_running)
+    with torch.no_grad():  # within tolerance: unchanged, even if the batch density is not
+        tr.model.firing_rate.fill_(0.1)
+    before = tr.lam.value
+    tr.step(x, y)
+    assert tr.lam.value == before
+    with torch.no_grad():  # below: down, but not under the floor (the initial weight)
+        tr.model.firing_rate.fill_(0.01)
+    for _ in range(3):
+        tr.step(x, y)
+    assert tr.lam.value == pytest.approx(0.5)
+    # The paper's rule on the sampled density.
+    trb = mnist._Trainer(mnist.METHODS["st"], 32, mnist.Config(lambda_signal="batch"), torch.device("cpu"))
+    _, d = trb.step(x, y)
+    expected = 0.1 * (1.01 if d.item() > 0.11 else 1.0)
+    assert trb.lam.value == pytest.approx(max(expected, 0.1))
+    assert not mnist._Trainer(mnist.METHODS["noisy_rectifier"], 32, cfg, torch.device("cpu")).lam_on_running
+
+
 def test_main_path_and_gater_learning_rates_apply_to_sparse_gaters_only():
     cfg = mnist.Config(lr=0.1, main_lr=1.0, gater_lr=0.3)
     for name, main_lr, gater_lr in (("st", 1.0, 0.3), ("sts", 1.0, 0.3), ("reinforce", 1.0, 0.001),
