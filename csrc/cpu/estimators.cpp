@@ -347,7 +347,7 @@ at::Tensor reinforce_backward_cpu(const at::Tensor& grad, const at::Tensor& logi
                                   const at::Tensor& baseline, double scale) {
   check_reinforce_inputs(logits, h, loss, baseline);
   STOCHGATE_CHECK(grad.numel() == 1, "stochgate::reinforce_backward: grad must be a scalar, got ",
-              grad.sizes());
+                  grad.sizes());
   auto x = logits.contiguous();
   auto hc = h.to(x.scalar_type()).contiguous();
   auto out = at::empty_like(x);

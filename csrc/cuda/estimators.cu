@@ -46,7 +46,7 @@ KeyArg key_arg(const at::Tensor& logits, const at::Tensor& key, const char* op) 
   check_key(key, op);
   if (key.is_cuda()) {
     STOCHGATE_CHECK(key.device() == logits.device(), op, ": key is on ", key.device(),
-                " but the input is on ", logits.device());
+                    " but the input is on ", logits.device());
     STOCHGATE_CHECK(key.is_contiguous(), op, ": a CUDA key must be contiguous");
     return KeyArg{key.const_data_ptr<int64_t>(), 0, 0};
   }
@@ -291,7 +291,7 @@ at::Tensor reinforce_backward_cuda(const at::Tensor& grad, const at::Tensor& log
                                    const at::Tensor& baseline, double scale) {
   check_reinforce_inputs(logits, h, loss, baseline);
   STOCHGATE_CHECK(grad.numel() == 1, "stochgate::reinforce_backward: grad must be a scalar, got ",
-              grad.sizes());
+                  grad.sizes());
   check_same_device(grad, logits, "stochgate::reinforce_backward", "grad", "logits");
   c10::cuda::CUDAGuard guard(logits.device());
   auto x = logits.contiguous();

@@ -288,7 +288,7 @@ Routing route(const at::Tensor& gates, at::ScalarType acc_type, cudaStream_t str
   r.C = gates.size(1);
   const int64_t B = r.B, C = r.C;
   STOCHGATE_CHECK(B * C < (int64_t{1} << 31), "stochgate gated matmul: B * C = ", B * C,
-              " (gates ", gates.sizes(), ") exceeds the int32 pair index of the CUDA kernels");
+                  " (gates ", gates.sizes(), ") exceeds the int32 pair index of the CUDA kernels");
   auto g = gates.contiguous();
   auto iopt = g.options().dtype(at::kInt);
   r.gate_t = at::empty({C, B}, g.options().dtype(acc_type));
@@ -301,7 +301,7 @@ Routing route(const at::Tensor& gates, at::ScalarType acc_type, cudaStream_t str
   auto tile_cnt = at::empty({std::max<int64_t>(C * T, 1)}, iopt);
   auto tile_off = at::empty({std::max<int64_t>(C * T, 1)}, iopt);
   STOCHGATE_CHECK(T <= 65535 && ceil_div(C, 32) <= 65535,
-              "stochgate gated matmul: gates ", gates.sizes(), " too large for the routing grid");
+                  "stochgate gated matmul: gates ", gates.sizes(), " too large for the routing grid");
 
   if (acc_type == at::kDouble) {
     route_kernels<double>(g, r, tile_cnt, tile_off, T, stream);
@@ -331,7 +331,7 @@ void build_row_lists(Routing& r, cudaStream_t stream) {
 // computed once, with no 64-bit division per element.
 dim3 elementwise_grid(int64_t B, int64_t units, int vec) {
   STOCHGATE_CHECK(units < (int64_t{1} << 31), "stochgate gated matmul: ", units,
-              " units per row exceed the CUDA kernels' 32-bit unit index");
+                  " units per row exceed the CUDA kernels' 32-bit unit index");
   const int64_t x = ceil_div(units, int64_t{kThreads} * vec);
   const int64_t y = std::max<int64_t>(1, std::min<int64_t>(B, std::max<int64_t>(1, 65536 / x)));
   STOCHGATE_CHECK(x <= 0x7fffffff, "stochgate gated matmul: tensor too large for the grid");
@@ -571,7 +571,7 @@ void row_reduce(const at::Tensor& A, const at::Tensor& W, bool w_rows_are_output
   const bool grouped = chunk >= kMinGroupedChunk && col_bytes * std::min(kTileN, width) <= kPartialBudgetBytes;
   const dim3 seg_grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(width, kThreads)));
   STOCHGATE_CHECK(B <= 0x7fffffff && ceil_div(width, kThreads) <= 65535,
-              "stochgate gated matmul: output (", B, ", ", width, ") too large for the grid");
+                  "stochgate gated matmul: output (", B, ", ", width, ") too large for the grid");
   if (!grouped) {
     at::Tensor Bn = w_rows_are_outputs ? W.t().contiguous() : W;  // (units, width)
     row_spmm_kernel<T, AccT><<<seg_grid, kThreads, 0, stream>>>(

@@ -453,8 +453,8 @@ void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStr
   const int64_t mt = (p.max_m + Cfg::BM - 1) / Cfg::BM;
   const int64_t nt = (p.max_n + Cfg::BN - 1) / Cfg::BN;
   STOCHGATE_CHECK(mt <= 65535 && nt <= 65535,
-              "stochgate gated matmul: problem too large for the CUDA grid (", p.max_m, " x ",
-              p.max_n, " outputs per chunk)");
+                  "stochgate gated matmul: problem too large for the CUDA grid (", p.max_m, " x ",
+                  p.max_n, " outputs per chunk)");
   constexpr int smem = detail::smem_bytes<T, AK, BK>();
   auto kernel = detail::grouped_gemm_kernel<T, OutT, AK, BK>;
   GroupedGemmParams<T, OutT, acc_of<T>> q = p;
