@@ -24,18 +24,8 @@ DENSITIES = ["0.1", "0.25", "0.5", "1.0"]
 
 
 def _median_ms(fn, repeats=20, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    """Median milliseconds per call: stochgate bench's timer (CUDA events around each call)."""
+    return statistics.median(bench.time_interleaved({"fn": fn}, repeats, "cuda", warmup=warmup)["fn"]) * 1e3
 
 
 def ceilings() -> dict:
