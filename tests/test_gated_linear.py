@@ -112,14 +112,17 @@ def test_cpu_tiled_kernels_float32(monkeypatch, isa, tiled, shape, threads, fwd)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check_tiled_kernels(shape)
+        _check_float32_kernels(shape)
     finally:
         torch.set_num_threads(saved)
 
 
-def _check_tiled_kernels(shape):
+def _check_float32_kernels(shape, density=0.9, empty_row=False):
+    """Both ops in float32 on the CPU, forward and every gradient, against float64."""
     B, K, N, C = shape
-    x, w, b, g = _data(B, K, N, C, "cpu", torch.float64, density=0.9)
+    x, w, b, g = _data(B, K, N, C, "cpu", torch.float64, density=density)
+    if empty_row:
+        g[0] = 0  # a row without any active chunk
     dy = torch.randn(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     low = [t.float() for t in (x, w, b)] + [g]
     out = _run(stochgate.gated_linear, low, dy.float(), grads=(1, 1, 1, 0))
@@ -155,6 +158,26 @@ def test_cpu_unit_gating_forward_float32(shape, threads):
     ref_low = R.gated_linear(x.float(), w.float(), b.float(), g.float())
     _check_close([y], [ref64], [ref_low], torch.float32, ["y"])
     assert (y[g == 0] == 0).all()
+
+
+# Row kernels (chunk < 16), float32: where the K-wide operand's width is a multiple of 128
+# (AVX-512) they read it from a block-major copy; with STOCHGATE_ROW_BLOCKS=0 in place. Every
+# product of both ops against the float64 reference, both ways: unit counts that are and are
+# not multiples of 16 (the transposes' tails), several K blocks, rows without any active unit,
+# widths that are not multiples of 128 (in place either way), one and two threads.
+@pytest.mark.parametrize("shape", [(37, 256, 200, 1, 0.2), (64, 384, 96, 4, 0.5), (5, 128, 48, 2, 0.05),
+                                   (20, 200, 64, 1, 0.3)])
+@pytest.mark.parametrize("blocks", ["", "0"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_row_kernels_block_major(monkeypatch, shape, blocks, threads):
+    monkeypatch.setenv("STOCHGATE_ROW_BLOCKS", blocks)
+    B, K, N, chunk, density = shape
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_float32_kernels((B, K, N, N // chunk), density=density, empty_row=True)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -40,6 +40,13 @@ constexpr int64_t kGemmMinChunk = 16;
 // output row segment in registers.
 constexpr int64_t kL2Bytes = 1 << 20;
 constexpr int64_t kKBlock = 128;
+// The row kernels' K blocks of an operand whose rows are a power-of-two number of bytes apart
+// land in a few L2 sets: a (rows, 128) column block of a row-major (rows, 2048) float32 matrix
+// is 1 MB but maps to 1/16 of the sets of a 2 MB L2, so it does not stay there while the rows
+// stream past. The float32 AVX-512 kernels therefore read such operands from a block-major
+// copy (see block_major; measured at chunk 1, density 0.1, 2 threads: gated_linear dx 44 ->
+// 18 ms, dW 29 -> 15 ms, gated_input_linear forward 52 -> 16 ms).
+// STOCHGATE_ROW_BLOCKS=0 keeps the row-major reads (for measuring and the tests).
 
 // ---------------------------------------------------------------------------------------
 // Routing: which (row, chunk) pairs are active, and their gate values.
@@ -148,6 +155,27 @@ bool cpu_has_avx512() {
 
 constexpr int kLanes = 16;
 
+// A block-major copy (K / 128 blocks, each (rows, 128) contiguous) of the operand whose K
+// blocks a row kernel streams, or none (row-major reads). See kKBlock's comment.
+struct Blocked {
+  const float* p = nullptr;
+  int64_t rows = 0;
+  int64_t out_t = 0;  // spmm_units: > 0 writes its (units, K) result transposed, ld out_t
+};
+
+// Whether the row kernels read a K-wide float32 operand from a block-major copy.
+template <typename T>
+bool use_row_blocks(int64_t K) {
+  if (!std::is_same_v<T, float> || !cpu_has_avx512() || K == 0 || K % kKBlock != 0) return false;
+  const char* env = std::getenv("STOCHGATE_ROW_BLOCKS");
+  return !(env && std::strcmp(env, "0") == 0);
+}
+
+// t (rows, K) row-major -> (K / 128, rows, 128): [kb, r, j] = t[r, kb * 128 + j].
+at::Tensor block_major(const at::Tensor& t) {
+  return t.view({t.size(0), t.size(1) / kKBlock, kKBlock}).permute({1, 0, 2}).contiguous();
+}
+
 // Four dot products sharing `a`: out[u] = <a, w[u]> over K elements.
 template <typename T>
 SG_ALWAYS_INLINE void dot4(const T* a, const T* w0, const T* w1, const T* w2, const T* w3,
@@ -241,10 +269,12 @@ SG_AVX512 float dot1_f32_avx512(const float* a, const float* w, int64_t K) {
 #define SG_ACC8(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7)
 
 // spmm_rows for float32 with the 128-wide output segment in 8 zmm registers.
+// Unit n's K block at k0 is w + n * ld + k0 * kstride: row-major (ld = K, kstride = 1) or
+// block-major (ld = 128, kstride = number of units; K a multiple of 128).
 template <typename Coef>
 SG_AVX512 void spmm_rows_f32_avx512(const float* w, int64_t K, int64_t chunk, const RowRouting& rr,
                                     int64_t b0, int64_t b1, const float* init, float* out,
-                                    const Coef& coef) {
+                                    const Coef& coef, int64_t ld, int64_t kstride) {
   static_assert(kKBlock == 128, "8 zmm accumulators");
   int64_t k0 = 0;
   for (; k0 + 128 <= K; k0 += 128) {
@@ -256,7 +286,7 @@ SG_AVX512 void spmm_rows_f32_avx512(const float* w, int64_t K, int64_t chunk, co
         const int64_t c = rr.chunks[p];
         for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
           const __m512 sv = _mm512_set1_ps(coef(b, p, n));
-          const float* wn = w + n * K + k0;
+          const float* wn = w + n * ld + k0 * kstride;
 #define SG_FMA(i) a##i = _mm512_fmadd_ps(sv, _mm512_loadu_ps(wn + 16 * i), a##i);
           SG_ACC8(SG_FMA)
 #undef SG_FMA
@@ -271,11 +301,12 @@ SG_AVX512 void spmm_rows_f32_avx512(const float* w, int64_t K, int64_t chunk, co
   if (k0 < K) spmm_rows(w, K, chunk, rr, b0, b1, init, out, coef, k0);
 }
 
-// spmm_units for float32, likewise.
+// spmm_units for float32, likewise; row q's K block at k0 is a + rows[q] * ld + k0 * kstride
+// (as in spmm_rows_f32_avx512). ldt > 0: out is written transposed, (K, ldt) row-major.
 template <typename Coef>
 SG_AVX512 void spmm_units_f32_avx512(const float* a, int64_t K, int64_t chunk,
                                      const ChunkRouting& cr, int64_t c0, int64_t c1, float* out,
-                                     const Coef& coef) {
+                                     const Coef& coef, int64_t ld, int64_t kstride, int64_t ldt) {
   int64_t k0 = 0;
   for (; k0 + 128 <= K; k0 += 128) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -285,10 +316,18 @@ SG_AVX512 void spmm_units_f32_avx512(const float* a, int64_t K, int64_t chunk,
 #undef SG_INIT
         for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
           const __m512 sv = _mm512_set1_ps(coef(q, n));
-          const float* ab = a + cr.rows[q] * K + k0;
+          const float* ab = a + cr.rows[q] * ld + k0 * kstride;
 #define SG_FMA(i) a##i = _mm512_fmadd_ps(sv, _mm512_loadu_ps(ab + 16 * i), a##i);
           SG_ACC8(SG_FMA)
 #undef SG_FMA
+        }
+        if (ldt > 0) {
+          alignas(64) float t[128];
+#define SG_STORE(i) _mm512_store_ps(t + 16 * i, a##i);
+          SG_ACC8(SG_STORE)
+#undef SG_STORE
+          for (int k = 0; k < 128; ++k) out[(k0 + k) * ldt + n] = t[k];
+          continue;
         }
         float* o = out + n * K + k0;
 #define SG_STORE(i) _mm512_storeu_ps(o + 16 * i, a##i);
@@ -297,7 +336,7 @@ SG_AVX512 void spmm_units_f32_avx512(const float* a, int64_t K, int64_t chunk,
       }
     }
   }
-  if (k0 < K) spmm_units(a, K, chunk, cr, c0, c1, out, coef, k0);
+  if (k0 < K) spmm_units(a, K, chunk, cr, c0, c1, out, coef, k0);  // (ldt > 0 only for K % 128 == 0)
 }
 #endif  // SG_HAVE_MULTIVERSION
 
@@ -462,10 +501,12 @@ void sddmm(const T* a, const T* w, int64_t B, int64_t N, int64_t K, int64_t chun
 
 template <typename T, typename Coef>
 SG_AVX512 void spmm_rows_avx512(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
-                                int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef) {
+                                int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
+                                const Blocked& bl) {
 #if SG_HAVE_MULTIVERSION
   if constexpr (std::is_same_v<T, float>) {
-    spmm_rows_f32_avx512(w, K, chunk, rr, b0, b1, init, out, coef);
+    if (bl.p) spmm_rows_f32_avx512(bl.p, K, chunk, rr, b0, b1, init, out, coef, kKBlock, bl.rows);
+    else spmm_rows_f32_avx512(w, K, chunk, rr, b0, b1, init, out, coef, K, 1);
     return;
   }
 #endif
@@ -478,14 +519,15 @@ void spmm_rows_base(const T* w, int64_t K, int64_t chunk, const RowRouting& rr, 
   spmm_rows(w, K, chunk, rr, b0, b1, init, out, coef);
 }
 
-// out (B, K) = init + sum over active units n of coef * w[n] (w is (N, K)).
+// out (B, K) = init + sum over active units n of coef * w[n] (w is (N, K); bl: its
+// block-major copy, only where use_row_blocks).
 template <typename T, typename Coef>
 void spmm_rows_all(const T* w, int64_t B, int64_t K, int64_t chunk, const RowRouting& rr,
-                   const T* init, T* out, const Coef& coef) {
+                   const T* init, T* out, const Coef& coef, const Blocked& bl = {}) {
   const bool avx512 = cpu_has_avx512();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     if (avx512) {
-      spmm_rows_avx512(w, K, chunk, rr, b0, b1, init, out, coef);
+      spmm_rows_avx512(w, K, chunk, rr, b0, b1, init, out, coef, bl);
     } else {
       spmm_rows_base(w, K, chunk, rr, b0, b1, init, out, coef);
     }
@@ -494,10 +536,11 @@ void spmm_rows_all(const T* w, int64_t B, int64_t K, int64_t chunk, const RowRou
 
 template <typename T, typename Coef>
 SG_AVX512 void spmm_units_avx512(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
-                                 int64_t c0, int64_t c1, T* out, const Coef& coef) {
+                                 int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
 #if SG_HAVE_MULTIVERSION
   if constexpr (std::is_same_v<T, float>) {
-    spmm_units_f32_avx512(a, K, chunk, cr, c0, c1, out, coef);
+    if (bl.p) spmm_units_f32_avx512(bl.p, K, chunk, cr, c0, c1, out, coef, kKBlock, bl.rows, bl.out_t);
+    else spmm_units_f32_avx512(a, K, chunk, cr, c0, c1, out, coef, K, 1, 0);
     return;
   }
 #endif
@@ -510,14 +553,15 @@ void spmm_units_base(const T* a, int64_t K, int64_t chunk, const ChunkRouting& c
   spmm_units(a, K, chunk, cr, c0, c1, out, coef);
 }
 
-// out (N, K): out[n] = sum over the active rows of n's chunk of coef * a[b] (a is (B, K)).
+// out (N, K): out[n] = sum over the active rows of n's chunk of coef * a[b] (a is (B, K);
+// bl: its block-major copy, only where use_row_blocks).
 template <typename T, typename Coef>
 void spmm_units_all(const T* a, int64_t C, int64_t K, int64_t chunk, const ChunkRouting& cr,
-                    T* out, const Coef& coef) {
+                    T* out, const Coef& coef, const Blocked& bl = {}) {
   const bool avx512 = cpu_has_avx512();
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     if (avx512) {
-      spmm_units_avx512(a, K, chunk, cr, c0, c1, out, coef);
+      spmm_units_avx512(a, K, chunk, cr, c0, c1, out, coef, bl);
     } else {
       spmm_units_base(a, K, chunk, cr, c0, c1, out, coef);
     }
@@ -913,6 +957,53 @@ SG_GG_INLINE void gl_fwd_outer(const GlFwdArgs& a, int64_t c0, int64_t c1) {
   }
 }
 SG_GG_VARIANTS(gl_fwd_outer, GlFwdArgs)
+
+// Float32 transposes for the row kernels' operands, 16 x 16 blocks in registers: ATen's
+// transposing copy of a 2048 x 2048 float32 matrix takes 5.9 ms here (2 threads), and this one
+// took gated_input_linear's dh at chunk 1, density 0.1 from 26.6 to 21.4 ms.
+// dst[p * ldd + u] = src[u * ld + p] for the rows u of blocks [i0, i1) of nu rows, p < cols.
+struct TransposeArgs {
+  const float* src;
+  int64_t ld, cols;
+  float* dst;
+  int64_t ldd, nu;
+};
+template <class Isa>
+SG_GG_INLINE void transpose_blocks(const TransposeArgs& a, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    gg::pack_transposed<typename Isa::V>(a.src + i * a.nu * a.ld, a.ld, static_cast<int>(a.nu), a.cols,
+                                         a.dst + i * a.nu, a.ldd);
+  }
+}
+SG_GG_VARIANTS(transpose_blocks, TransposeArgs)
+
+// t (R, K) float32 -> t^T (K, R) contiguous.
+at::Tensor transposed(const at::Tensor& t) {
+  const int64_t R = t.size(0), K = t.size(1);
+  if (R % 16 != 0) return t.t().contiguous();
+  auto out = at::empty({K, R}, t.options());
+  const TransposeArgs args{t.const_data_ptr<float>(), K, K, out.mutable_data_ptr<float>(), R, 16};
+  const int isa = gg_isa();
+  at::parallel_for(0, R / 16, 1, [&](int64_t i0, int64_t i1) { transpose_blocks_run(isa, args, i0, i1); });
+  return out;
+}
+
+// Block-major copy (see block_major) of the transpose of t (K, R), float32, K a multiple of
+// 128: [kb, r, j] = t[kb * 128 + j, r].
+at::Tensor block_major_t(const at::Tensor& t) {
+  const int64_t K = t.size(0), R = t.size(1);
+  auto out = at::empty({K / kKBlock, R, kKBlock}, t.options());
+  const float* src = t.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  const int isa = gg_isa();
+  at::parallel_for(0, K / kKBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t kb = b0; kb < b1; ++kb) {
+      const TransposeArgs args{src + kb * kKBlock * R, R, R, dst + kb * R * kKBlock, kKBlock, kKBlock};
+      transpose_blocks_run(isa, args, 0, 1);
+    }
+  });
+  return out;
+}
 
 // Which gated_linear forward kernel a float32 chunk takes: the outer-product form where the
 // chunk is a multiple of the vector width (STOCHGATE_GL_FWD=dot forces the dot form).
@@ -1366,15 +1457,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     if (chunk < kGemmMinChunk) {
       // Row-wise sparse kernels. q-index of pair p (row order) -> chunk order is not needed:
       // dx and active dgates walk rows, dw walks chunks.
+      const bool blocks = use_row_blocks<T>(K);
       if (need_dx) {
+        const at::Tensor wb = blocks ? block_major(w) : at::Tensor();
         spmm_rows_all<T>(pw, B, K, chunk, rr, nullptr, dx.mutable_data_ptr<T>(),
                          [&](int64_t b, int64_t p, int64_t n) {
                            return static_cast<T>(rr.gate[p]) * pdy[b * N + n];
-                         });
+                         },
+                         blocks ? Blocked{wb.const_data_ptr<float>(), N} : Blocked{});
       }
       if (need_dw) {
+        const at::Tensor xb = blocks ? block_major(x) : at::Tensor();
         spmm_units_all<T>(px, C, K, chunk, cr, dw.mutable_data_ptr<T>(),
-                          [&](int64_t q, int64_t n) { return pdp[q * chunk + n % chunk]; });
+                          [&](int64_t q, int64_t n) { return pdp[q * chunk + n % chunk]; },
+                          blocks ? Blocked{xb.const_data_ptr<float>(), B} : Blocked{});
       }
       if (need_active_dg) {
         // dgates[b, c] = sum over the chunk's units of dy * pre; units of one pair may be
@@ -1518,10 +1614,17 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
     const T* ph = h.const_data_ptr<T>();
     const T* pb = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
     if (chunk < kGemmMinChunk) {
-      // y[b] = bias + sum over active units n of h[b, n] * weight[:, n]: rows of weight.T.
-      auto wt = w.t().contiguous();
-      spmm_rows_all<T>(wt.const_data_ptr<T>(), B, M, chunk, rr, pb, y.mutable_data_ptr<T>(),
-                       [&](int64_t b, int64_t, int64_t n) { return ph[b * N + n]; });
+      // y[b] = bias + sum over active units n of h[b, n] * weight[:, n]: rows of weight.T
+      // (its block-major copy straight from weight where use_row_blocks).
+      const auto coef = [&](int64_t b, int64_t, int64_t n) { return ph[b * N + n]; };
+      if (use_row_blocks<T>(M)) {
+        const at::Tensor wb = block_major_t(w);
+        spmm_rows_all<T>(nullptr, B, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef,
+                         Blocked{wb.const_data_ptr<float>(), N});
+      } else {
+        const at::Tensor wt = std::is_same_v<T, float> ? transposed(w) : w.t().contiguous();
+        spmm_rows_all<T>(wt.const_data_ptr<T>(), B, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef);
+      }
       return;
     }
     const ChunkRouting cr = route_chunks(rr, C);
@@ -1581,8 +1684,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
     const T* ph = h.const_data_ptr<T>();
     const T* pdy = dy.const_data_ptr<T>();
     if (chunk < kGemmMinChunk) {
-      auto wt = w.t().contiguous();  // (N, M): unit n's weights contiguous
       if (need_dh) {
+        // (N, M): unit n's weights contiguous
+        const at::Tensor wt = std::is_same_v<T, float> ? transposed(w) : w.t().contiguous();
         T* pdh = dh.mutable_data_ptr<T>();
         at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
           std::fill(pdh + b0 * N, pdh + b1 * N, T(0));
@@ -1591,11 +1695,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
               [&](int64_t b, int64_t n, int64_t, T d) { pdh[b * N + n] = d; });
       }
       if (need_dw) {
-        auto dwt = at::empty({N, M}, h.options());
-        spmm_units_all<T>(pdy, C, M, chunk, cr, dwt.mutable_data_ptr<T>(), [&](int64_t q, int64_t n) {
-          return ph[cr.rows[q] * N + n];
-        });
-        dw.copy_(dwt.t());
+        // h of the active pairs, packed by chunk: read once per K block and unit (a gather of
+        // h[row, n] down a column touches a new line of h for every row).
+        const at::Tensor hp = pack_pairs<T>(h, cr, chunk, /*scale=*/false);
+        const T* php = hp.const_data_ptr<T>();
+        const auto coef = [&](int64_t q, int64_t n) { return php[q * chunk + n % chunk]; };
+        // Block-major dy, written straight into dW2 (M, N) without a transposed copy, and h
+        // packed: 57 -> 20 ms at chunk 1, density 0.1, 2 threads.
+        if (use_row_blocks<T>(M)) {
+          const at::Tensor dyb = block_major(dy);
+          spmm_units_all<T>(nullptr, C, M, chunk, cr, dw.mutable_data_ptr<T>(), coef,
+                            Blocked{dyb.const_data_ptr<float>(), B, N});
+        } else {
+          auto dwt = at::empty({N, M}, h.options());
+          spmm_units_all<T>(pdy, C, M, chunk, cr, dwt.mutable_data_ptr<T>(), coef);
+          dw.copy_(dwt.t());
+        }
       }
       return;
     }
