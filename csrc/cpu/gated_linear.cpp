@@ -1143,29 +1143,52 @@ SG_GG_INLINE void gather_chunks(const GatherArgs& a, int64_t c0, int64_t c1) {
         std::memset(a.out + r * a.ldo + col0, 0, a.b_cols * sizeof(float));
       continue;
     }
-    bbuf.resize(n * PW);
+    // B panels packed SP at a time: each gathered row is then read in SP * PW-column pieces
+    // (1 KB for float32 AVX-512) instead of 256 bytes (measured, gated_linear dW, 2 threads,
+    // d = 0.1: 5.19 -> 4.47 ms; no change at 0.25 and 0.5).
+    constexpr int64_t SP = 4;
+    bbuf.resize(SP * n * PW);
     if (a.a_by_row) abuf.resize(n * MB);
-    for (int64_t kp = 0; kp < a.b_cols; kp += PW) {
-      const int w = static_cast<int>(std::min<int64_t>(PW, a.b_cols - kp));
-      const int nv = (w + L - 1) / L;
-      pack_panel<V>(a.b, a.ldb, rows, n, bcol0 + kp, w, bbuf.data(), PW);
-      for (int64_t ub = 0; ub < a.a_rows; ub += MB) {
-        const int64_t ube = std::min(a.a_rows, ub + MB);
-        const float* abase;
-        int64_t lda;
-        if (a.a_by_row) {
-          pack_panel<V>(a.a, a.lda, rows, n, ub, ube - ub, abuf.data(), MB);
-          abase = abuf.data() - ub;
-          lda = MB;
-        } else {
-          abase = a.a + off * a.lda;
-          lda = a.lda;
+    for (int64_t ks = 0; ks < a.b_cols; ks += SP * PW) {
+      const int64_t nsp = std::min<int64_t>(SP, (a.b_cols - ks + PW - 1) / PW);
+      if (nsp == SP && (a.b_cols - ks) >= SP * PW) {
+        for (int64_t q = 0; q < n; ++q) {
+          const float* src = a.b + rows[q] * a.ldb + bcol0 + ks;
+          for (int64_t sp = 0; sp < SP; ++sp) {
+            float* d = bbuf.data() + (sp * n + q) * PW;
+            for (int j = 0; j < PW; j += L) gg::vstore(d + j, gg::vload<V>(src + sp * PW + j));
+          }
         }
-        for (int64_t u0 = ub; u0 < ube; u0 += MR) {
-          const int mr = static_cast<int>(std::min<int64_t>(MR, ube - u0));
-          float* cp[MR];
-          for (int i = 0; i < mr; ++i) cp[i] = a.out + (r0 + u0 + i) * a.ldo + col0 + kp;
-          outer_gather_store<Isa>(mr, nv, n, abase + u0, lda, bbuf.data(), PW, cp, w);
+      } else {
+        for (int64_t sp = 0; sp < nsp; ++sp) {
+          const int64_t kp = ks + sp * PW;
+          pack_panel<V>(a.b, a.ldb, rows, n, bcol0 + kp, std::min<int64_t>(PW, a.b_cols - kp),
+                        bbuf.data() + sp * n * PW, PW);
+        }
+      }
+      for (int64_t sp = 0; sp < nsp; ++sp) {
+        const int64_t kp = ks + sp * PW;
+        const float* panel = bbuf.data() + sp * n * PW;
+        const int w = static_cast<int>(std::min<int64_t>(PW, a.b_cols - kp));
+        const int nv = (w + L - 1) / L;
+        for (int64_t ub = 0; ub < a.a_rows; ub += MB) {
+          const int64_t ube = std::min(a.a_rows, ub + MB);
+          const float* abase;
+          int64_t lda;
+          if (a.a_by_row) {
+            pack_panel<V>(a.a, a.lda, rows, n, ub, ube - ub, abuf.data(), MB);
+            abase = abuf.data() - ub;
+            lda = MB;
+          } else {
+            abase = a.a + off * a.lda;
+            lda = a.lda;
+          }
+          for (int64_t u0 = ub; u0 < ube; u0 += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, ube - u0));
+            float* cp[MR];
+            for (int i = 0; i < mr; ++i) cp[i] = a.out + (r0 + u0 + i) * a.ldo + col0 + kp;
+            outer_gather_store<Isa>(mr, nv, n, abase + u0, lda, panel, PW, cp, w);
+          }
         }
       }
     }
