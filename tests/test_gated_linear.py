@@ -19,7 +19,8 @@ DEVICES = [
 ]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (B, K, N, C): odd K and N, chunk = 1, chunk = N, chunks on both kernel routes (< 16, >= 16).
-SHAPES = [(7, 13, 15, 15), (5, 9, 21, 1), (33, 31, 48, 16), (17, 40, 96, 3), (9, 70, 38, 2)]
+# (6, 128, 40, 20): chunk 2 with K a multiple of 128, the row kernels' block-major path in every dtype.
+SHAPES = [(7, 13, 15, 15), (5, 9, 21, 1), (33, 31, 48, 16), (17, 40, 96, 3), (9, 70, 38, 2), (6, 128, 40, 20)]
 
 
 def _gates(B, C, density, device, dtype=torch.float32, seed=0):
