@@ -1057,26 +1057,16 @@ SG_GG_INLINE void scatter_blocks(const ScatterArgs& a, int64_t blk0, int64_t blk
   // slab maps to an eighth of the L2 sets (measured, 2 threads, B = 1024, K = N = 2048,
   // chunk 64: gated_linear dx 4.68 -> 4.37 / 9.52 -> 8.50 / 16.58 -> 14.93 ms at d = 0.1 /
   // 0.25 / 0.5; gated_input_linear forward 9.71 -> 8.86 ms at 0.25).
-  bool all_skipped = a.skip != nullptr;  // every chunk left to MKL: only the initial value
-  for (int64_t c = 0; all_skipped && c < a.C; ++c) all_skipped = a.skip[c] != 0;
-  if (all_skipped) {
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      const int64_t k0 = blk * a.block, kw = std::min(cols, k0 + a.block) - k0;
-      for (int64_t b = 0; b < a.B; ++b) {
-        float* o = a.out + b * cols + k0;
-        if (a.init) std::memcpy(o, a.init + k0, kw * sizeof(float));
-        else std::memset(o, 0, kw * sizeof(float));
-      }
-    }
-    return;
-  }
-  std::vector<float> sb(a.B * a.block);
-  const int64_t ldo = a.block;
+  // When MKL takes every chunk only the initial value is written, in place.
+  bool in_place = a.skip != nullptr;
+  for (int64_t c = 0; in_place && c < a.C; ++c) in_place = a.skip[c] != 0;
+  std::vector<float> sb(in_place ? 0 : a.B * a.block);
+  const int64_t ldo = in_place ? cols : a.block;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     const int64_t k0 = blk * a.block, k1 = std::min(cols, k0 + a.block), kw = k1 - k0;
-    float* const obase = sb.data() - k0;  // column k of the slab at obase + b * ldo + k
+    float* const slab = in_place ? a.out + k0 : sb.data();  // column k0 + j of row b: slab[b * ldo + j]
     for (int64_t b = 0; b < a.B; ++b) {
-      float* o = obase + b * ldo + k0;
+      float* o = slab + b * ldo;
       if (a.init) std::memcpy(o, a.init + k0, kw * sizeof(float));
       else std::memset(o, 0, kw * sizeof(float));
     }
@@ -1106,12 +1096,13 @@ SG_GG_INLINE void scatter_blocks(const ScatterArgs& a, int64_t blk0, int64_t blk
           float* cp[MR];
           for (int i = 0; i < mr; ++i) {
             ar[i] = a.a_packed ? a.a + (off + i0 + i) * chunk : a.a + rows[i0 + i] * a.lda + c * chunk;
-            cp[i] = obase + rows[i0 + i] * ldo + kp;
+            cp[i] = slab + rows[i0 + i] * ldo + (kp - k0);
           }
           outer_rows_add<Isa>(mr, nv, chunk, ar, buf.data(), PW, cp, w);
         }
       }
     }
+    if (in_place) continue;
     for (int64_t b = 0; b < a.B; ++b) std::memcpy(a.out + b * cols + k0, sb.data() + b * ldo, kw * sizeof(float));
   }
 }
@@ -1164,7 +1155,7 @@ SG_GG_INLINE void gather_chunks(const GatherArgs& a, int64_t c0, int64_t c1) {
     if (a.a_by_row) abuf.resize(n * MB);
     for (int64_t ks = 0; ks < a.b_cols; ks += SP * PW) {
       const int64_t nsp = std::min<int64_t>(SP, (a.b_cols - ks + PW - 1) / PW);
-      if (nsp == SP && (a.b_cols - ks) >= SP * PW) {
+      if (a.b_cols - ks >= SP * PW) {
         for (int64_t q = 0; q < n; ++q) {
           const float* src = a.b + rows[q] * a.ldb + bcol0 + ks;
           for (int64_t sp = 0; sp < SP; ++sp) {
@@ -1688,7 +1679,7 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
       // 18.63 -> 14.88 at 0.5, no change at 0.1). Not needed when MKL takes every chunk.
       const bool all_dense = !dense.empty() && std::all_of(dense.begin(), dense.end(), [](char v) { return v != 0; });
       const at::Tensor hp = all_dense ? at::Tensor() : pack_pairs<float>(h, cr, chunk, /*scale=*/false);
-      ScatterArgs args{all_dense ? fp(ph) : hp.const_data_ptr<float>(), chunk, true, w.const_data_ptr<float>(), N,
+      ScatterArgs args{all_dense ? nullptr : hp.const_data_ptr<float>(), chunk, true, w.const_data_ptr<float>(), N,
                        true, fp(pb), y.mutable_data_ptr<float>(), B, M, chunk, C, block, &cr};
       args.skip = dense.empty() ? nullptr : dense.data();
       const int isa = gg_isa();
