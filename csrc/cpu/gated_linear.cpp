@@ -982,10 +982,10 @@ SG_GG_INLINE void transpose_blocks(const TransposeArgs& a, int64_t i0, int64_t i
 }
 SG_GG_VARIANTS(transpose_blocks, TransposeArgs)
 
-// t (R, K) float32 -> t^T (K, R) contiguous.
+// t (R, K) -> t^T (K, R) contiguous (ATen's copy for other dtypes and R not a multiple of 16).
 at::Tensor transposed(const at::Tensor& t) {
   const int64_t R = t.size(0), K = t.size(1);
-  if (R % 16 != 0) return t.t().contiguous();
+  if (t.scalar_type() != at::kFloat || R % 16 != 0) return t.t().contiguous();
   auto out = at::empty({K, R}, t.options());
   const TransposeArgs args{t.const_data_ptr<float>(), K, K, out.mutable_data_ptr<float>(), R, 16};
   const int isa = gg_isa();
@@ -1663,7 +1663,7 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
         spmm_rows_all<T>(nullptr, B, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef,
                          Blocked{wb.const_data_ptr<float>(), N});
       } else {
-        const at::Tensor wt = std::is_same_v<T, float> ? transposed(w) : w.t().contiguous();
+        const at::Tensor wt = transposed(w);
         spmm_rows_all<T>(wt.const_data_ptr<T>(), B, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef);
       }
       return;
@@ -1733,7 +1733,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
     if (chunk < kGemmMinChunk) {
       if (need_dh) {
         // (N, M): unit n's weights contiguous
-        const at::Tensor wt = std::is_same_v<T, float> ? transposed(w) : w.t().contiguous();
+        const at::Tensor wt = transposed(w);
         T* pdh = dh.mutable_data_ptr<T>();
         at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
           std::fill(pdh + b0 * N, pdh + b1 * N, T(0));
