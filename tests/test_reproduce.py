@@ -307,9 +307,54 @@ def test_from_json_merges_runs_split_across_processes(idx_dir, tmp_path, capsys)
     assert all("--methods" in r["command"] for r in merged["rows"])
     assert (tmp_path / "m" / "both_table.md").is_file() and (tmp_path / "m" / "both_curves.png").is_file()
 
+    # A rerun of one row (same method and chunk, another seed here) replaces it in place.
+    assert _run(idx_dir, tmp_path / "c", "--quick", "--methods", "st", "--chunk", "64", "--seed", "1") == 0
+    capsys.readouterr()
+    rerun = str(tmp_path / "c" / "mnist_quick.json")
+    assert mnist.main(["--from-json", *files, rerun, "--out", str(tmp_path / "m"), "--name", "rerun"]) == 0
+    assert f"st chunk=64: the row from {rerun} replaces the earlier one" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "m" / "rerun.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["st", "sts"]
+    assert "--seed 1" in rows[0]["command"] and "--seed" not in rows[1]["command"]
+    assert rows[0] == json.loads(Path(rerun).read_text())["rows"][0] | {"command": rows[0]["command"]}
 
-def test_lr_final_factor_is_checked(capsys):
-    from stochgate.experiments import mnist
 
+def test_lr_final_factor_and_gate_slope_are_checked(capsys):
     assert mnist.main(["--lr-final-factor", "0"]) == 2
     assert "--lr-final-factor must lie in (0, 1]" in capsys.readouterr().err
+    assert mnist.main(["--gate-slope", "0"]) == 2
+    assert "--gate-slope must be positive, got 0.0" in capsys.readouterr().err
+
+
+def test_slope_annealing_scales_straight_through_scores_per_epoch(monkeypatch):
+    """At chunk 1, the straight-through gaters' scores are the gater's output times a slope that
+    rises linearly per epoch from 1 to Config.gate_slope (set before each epoch's training);
+    the other methods, and straight-through at chunk 32, keep slope 1. The slope is a buffer, so a
+    saved state keeps the slope of its threshold."""
+    net = mnist.ConditionalNet(mnist.METHODS["st"], 1)
+    x = torch.rand(5, 784)
+    raw = net.gater_out(torch.tanh(net.gater_hidden(x)))
+    assert torch.equal(net.scores(x), raw)
+    net.slope.fill_(2.5)
+    torch.testing.assert_close(net.scores(x), 2.5 * raw, rtol=0, atol=0)
+    assert "slope" in net.state_dict()
+
+    xt, yt = torch.rand(64, 784), torch.randint(0, 10, (64,))
+    tensors = {"x_train": xt, "y_train": yt, "x_valid": xt[:32], "y_valid": yt[:32], "x_test": xt[:32], "y_test": yt[:32]}
+    cfg = mnist.Config(epochs=4, gate_slope=4.0, time_steps=1, time_reps=1, progress=False)
+    slopes = []
+    orig_step = mnist._Trainer.step
+
+    def step(self, xb, yb, adapt=True):
+        slopes.append(float(self.model.slope))
+        return orig_step(self, xb, yb, adapt)
+
+    monkeypatch.setattr(mnist._Trainer, "step", step)
+    for name, chunk in (("st", 1), ("st", 32), ("st_sigmoid", 1), ("noisy_rectifier", 1)):
+        slopes.clear()
+        row = mnist.run_method(mnist.METHODS[name], chunk, tensors, cfg, log=lambda *_: None)
+        assert row["status"] == "ok" and row["epochs"] == 4
+        if chunk == 1 and name in ("st", "st_sigmoid"):  # 2 training steps per epoch, then timing
+            assert slopes[:8] == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0]
+        else:
+            assert set(slopes) == {1.0}
