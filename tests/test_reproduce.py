@@ -327,9 +327,9 @@ def test_lr_final_factor_and_gate_slope_are_checked(capsys):
 
 
 def test_slope_annealing_scales_straight_through_scores_per_epoch(monkeypatch):
-    """At chunk 1, the straight-through gaters' scores are the gater's output times a slope that
-    rises linearly per epoch from 1 to Config.gate_slope (set before each epoch's training);
-    the other methods, and straight-through at chunk 32, keep slope 1. The slope is a buffer, so a
+    """At chunk 1, the straight-through and STS gaters' scores are the gater's output times a
+    slope that rises linearly per epoch from 1 to Config.gate_slope (set before each epoch's
+    training); the other methods, and straight-through at chunk 32, keep slope 1. The slope is a buffer, so a
     saved state keeps the slope of its threshold."""
     net = mnist.ConditionalNet(mnist.METHODS["st"], 1)
     x = torch.rand(5, 784)
@@ -350,11 +350,11 @@ def test_slope_annealing_scales_straight_through_scores_per_epoch(monkeypatch):
         return orig_step(self, xb, yb, adapt)
 
     monkeypatch.setattr(mnist._Trainer, "step", step)
-    for name, chunk in (("st", 1), ("st", 32), ("st_sigmoid", 1), ("noisy_rectifier", 1)):
+    for name, chunk in (("st", 1), ("st", 32), ("st_sigmoid", 1), ("sts", 1), ("reinforce", 1), ("noisy_rectifier", 1)):
         slopes.clear()
         row = mnist.run_method(mnist.METHODS[name], chunk, tensors, cfg, log=lambda *_: None)
         assert row["status"] == "ok" and row["epochs"] == 4
-        if chunk == 1 and name in ("st", "st_sigmoid"):  # 2 training steps per epoch, then timing
+        if chunk == 1 and name in ("st", "st_sigmoid", "sts"):  # 2 training steps per epoch, then timing
             assert slopes[:8] == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0]
         else:
             assert set(slopes) == {1.0}

@@ -32,10 +32,11 @@ training set (straight-through; see ``benchmarks/results/mnist_NOTES.md``):
   step (the paper's 1.01 on the sampled density made λ run away at chunk 32; see
   ``Config.lambda_signal``);
 - the learning rates fall linearly to 2% of their start over the run (the paper: constant);
-- with per-unit gates (chunk 1), the straight-through gaters' pre-activations are the gater's
-  output times a slope that rises linearly per epoch from 1 to 3 (slope annealing, Chung, Ahn
-  & Bengio 2016), so that its sampled training-time gates sharpen towards the deterministic
-  test-time ones (at chunk 32 it made λ run away: not used there).
+- with per-unit gates (chunk 1), the straight-through and STS gaters' pre-activations are the
+  gater's output times a slope that rises linearly per epoch from 1 to 3 (slope annealing,
+  Chung, Ahn & Bengio 2016), so that their sampled training-time gates sharpen towards the
+  deterministic test-time ones (not for REINFORCE, which it broke, nor at chunk 32, where it
+  made λ run away).
 
 Test time: deterministic gates. Each gate's score is its pre-activation ``a``; the threshold
 ``t`` is the quantile of the validation scores that leaves a fraction s of them above it, and
@@ -119,7 +120,7 @@ METHODS: dict[str, Method] = {
         Method("noisy_rectifier", "noisy rectifier (Gaussian, sigma=1)", "noisy_rectifier", "l1", bias0=-1.2816, paper=1.87),
         Method("st", "straight-through (identity)", "st", "kl", bias0=_LOGIT_01, paper=1.39, anneal_slope=True),
         Method("st_sigmoid", "straight-through (sigmoid variant)", "st_sigmoid", "kl", bias0=_LOGIT_01, anneal_slope=True),
-        Method("sts", "stochastic times smooth", "sts", "kl", bias0=math.log(0.01 / 0.99), paper=1.96),
+        Method("sts", "stochastic times smooth", "sts", "kl", bias0=math.log(0.01 / 0.99), paper=1.96, anneal_slope=True),
         Method("reinforce", "SBN, REINFORCE + min-variance baseline", "reinforce", "kl", gater_lr=0.001, bias0=_LOGIT_01, paper=1.89),
         # Starts at about half the gates on: a noiseless rectifier started sparse loses units for
         # good (no gradient below 0); the L1 penalty brings it down to s.
@@ -182,16 +183,17 @@ class Config:
     lambda_factor_running: float = 1.001
     # Initial weight (and floor) of the KL penalty.
     kl_weight: float = 0.1
-    # Slope annealing (Chung, Ahn & Bengio 2016) for the two straight-through gaters with
+    # Slope annealing (Chung, Ahn & Bengio 2016) for the straight-through and STS gaters with
     # per-unit gates (chunk 1): their gate pre-activations are the gater's output times a slope
     # that rises linearly per epoch from 1 to this value, so the sampled training-time gates
     # sharpen towards the deterministic test-time ones (at slope 1 the gates the test rule
     # switches on fired only about half the time in training). 1 turns it off. Straight-through,
     # chunk 1, 30 epochs, seeds 0/1/2: validation 1.51/1.54/1.51%, test 1.59/1.55/1.54% at 3,
-    # against 1.68/1.69/1.61% and 1.72/1.59/1.88% at 1; the sigmoid variant (seed 0): 1.68 /
-    # 1.64% against 1.92 / 1.82%. Not at chunk 32: there straight-through's running firing rate
-    # overshot as the slope rose, λ ran away (287 by epoch 7) and its validation error went from
-    # 5.3% to 20%. See mnist_NOTES.md.
+    # against 1.68/1.69/1.61% and 1.72/1.59/1.88% at 1; seed 0, the sigmoid variant: 1.68 /
+    # 1.64% against 1.92 / 1.82%, STS: 2.09 / 2.15% against 2.68 / 2.90%. Not for REINFORCE
+    # (validation error 10% -> 25% within 5 epochs) and not at chunk 32: there
+    # straight-through's running firing rate overshot as the slope rose, λ ran away (287 by
+    # epoch 7) and its validation error went from 5.3% to 20%. See mnist_NOTES.md.
     gate_slope: float = 3.0
     seed: int = 0
     device: str = "cpu"
@@ -752,7 +754,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=Config.kl_weight,
                    help=f"initial weight and floor of the sigmoid gaters' KL penalty (default {Config.kl_weight})")
     p.add_argument("--gate-slope", type=float, default=Config.gate_slope,
-                   help="at chunk 1, the straight-through gaters' pre-activations are scaled by a slope rising linearly per "
+                   help="at chunk 1, the straight-through and STS gaters' pre-activations are scaled by a slope rising linearly per "
                         f"epoch from 1 to this (slope annealing; default {Config.gate_slope}; 1: off, as in the paper)")
     p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help=f"methods to run (default all): {', '.join(METHODS)}")
