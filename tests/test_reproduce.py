@@ -326,11 +326,11 @@ def test_lr_final_factor_and_gate_slope_are_checked(capsys):
     assert "--gate-slope must be positive, got 0.0" in capsys.readouterr().err
 
 
-def test_slope_annealing_scales_straight_through_scores_per_epoch(monkeypatch):
+def test_slope_annealing_scales_the_annealed_gaters_scores_per_epoch(monkeypatch):
     """At chunk 1, the straight-through and STS gaters' scores are the gater's output times a
     slope that rises linearly per epoch from 1 to Config.gate_slope (set before each epoch's
-    training); the other methods, and straight-through at chunk 32, keep slope 1. The slope is a buffer, so a
-    saved state keeps the slope of its threshold."""
+    training); REINFORCE, the rectifiers and straight-through at chunk 32 keep slope 1. The
+    slope is a buffer, so a saved state keeps the slope of its threshold."""
     net = mnist.ConditionalNet(mnist.METHODS["st"], 1)
     x = torch.rand(5, 784)
     raw = net.gater_out(torch.tanh(net.gater_hidden(x)))
