@@ -3,6 +3,8 @@ stochgate.reference: forward, every gradient, dtypes, edge cases, opcheck, compi
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -110,10 +112,17 @@ def test_cpu_tiled_kernels_float32(monkeypatch, isa, tiled, shape, threads, fwd)
     monkeypatch.setenv("STOCHGATE_CPU_ISA", isa)
     monkeypatch.setenv("STOCHGATE_CPU_TILED", tiled)
     monkeypatch.setenv("STOCHGATE_GL_FWD", fwd)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _num_threads(threads):
         _check_float32_kernels(shape)
+
+
+@contextlib.contextmanager
+def _num_threads(n):
+    """torch's intra-op thread count set to n inside the block, restored after it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(saved)
 
@@ -149,12 +158,8 @@ def _check_float32_kernels(shape, density=0.9, empty_row=False):
 def test_cpu_unit_gating_forward_float32(shape, threads):
     B, K, N, density = shape
     x, w, b, g = _data(B, K, N, N, "cpu", torch.float64, density=density)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _num_threads(threads):
         y = stochgate.gated_linear(x.float(), w.float(), b.float(), g.float())
-    finally:
-        torch.set_num_threads(saved)
     ref64 = R.gated_linear(x, w, b, g)
     ref_low = R.gated_linear(x.float(), w.float(), b.float(), g.float())
     _check_close([y], [ref64], [ref_low], torch.float32, ["y"])
@@ -173,12 +178,8 @@ def test_cpu_unit_gating_forward_float32(shape, threads):
 def test_cpu_row_kernels_block_major(monkeypatch, shape, blocks, threads):
     monkeypatch.setenv("STOCHGATE_ROW_BLOCKS", blocks)
     B, K, N, chunk, density = shape
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _num_threads(threads):
         _check_float32_kernels((B, K, N, N // chunk), density=density, empty_row=True)
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("device", DEVICES)
