@@ -379,6 +379,41 @@ def test_cpu_and_cuda_agree(shape):
         torch.testing.assert_close(a.cpu(), c, rtol=1e-4, atol=1e-4, msg=name)
 
 
+# (B, K, N, C) on the Hopper kernel's own edges: its 128 x 128 tile and 64-wide K step.
+HOPPER_SHAPES = [
+    (1, 64, 128, 1),  # one row, one tile, one K step
+    (257, 72, 256, 4),  # chunk 64 (half an N tile), K = 64 + 8 (a tail vector)
+    (50, 4104, 384, 3),  # long K with a tail, M < one tile
+    (64, 256, 512, 1),  # chunk = N = 512: four N tiles per group
+    (4096, 512, 2048, 16),  # 16 groups of 4-20 M tiles (skewed gates): more tiles than SMs
+    (600, 64, 8192, 128),  # 128 groups of chunk 64: tiles in group order (> 64 groups)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_hopper_and_mma_kernels(monkeypatch, dtype, shape):
+    """Both GEMM kernels of the K-major products (gated_linear's forward, gated_input_linear's
+    partials) against the reference: the wgmma one (the default on an H100/H200) and the
+    mma.sync one (STOCHGATE_CUDA_GEMM=mma; on other GPUs both runs take it)."""
+    B, K, N, C = shape
+    x, w, b, gates = _linear_data(B, K, N, C, dtype, density=0.6)
+    if B >= 1000:  # every other chunk keeps a quarter of its rows: groups of unequal tile counts
+        gates[B // 4 :, ::2] = 0
+    h, w2, b2, _ = _input_linear_data(B, K, N, C, dtype)
+    ref64 = R.gated_linear(x.double(), w.double(), b.double(), gates)
+    ref_lp = R.gated_linear(x, w, b, gates)
+    ref2_64 = R.gated_input_linear(h.double(), w2.double(), b2.double(), gates)
+    ref2_lp = R.gated_input_linear(h, w2, b2, gates)
+    off = (gates == 0).repeat_interleave(N // C, dim=1)
+    for path in ("auto", "mma"):
+        monkeypatch.setenv("STOCHGATE_CUDA_GEMM", path)
+        y = ops.gated_linear(x, w, b, gates)
+        _check(f"y ({path})", y, ref64, ref_lp, dtype)
+        assert (y[off] == 0).all(), path
+        _check(f"gated_input_linear ({path})", ops.gated_input_linear(h, w2, b2, gates), ref2_64, ref2_lp, dtype)
+
+
 @pytest.mark.parametrize("C", [1, 4, 32], ids=lambda c: f"C{c}")
 def test_cuda_graph_capture(C):
     """Forward and backward of both ops replay in a CUDA graph with new gate values: the

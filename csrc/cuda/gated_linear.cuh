@@ -97,6 +97,16 @@ struct GroupedGemmParams {
   PREFIX template void launch_grouped_gemm<T, OutT, false, false>(                         \
       const GroupedGemmParams<T, OutT, acc_of<T>>&, cudaStream_t);
 
+// The Hopper path of the (K-major A, K-major B) layout for half and bfloat16 (gated_linear's
+// forward product and gated_input_linear's per-chunk partials): wgmma tensor cores fed by a
+// cp.async pipeline over a persistent grid (gated_linear_sm90.cu). Returns false, having done
+// nothing, where it does not apply -- a GPU other than compute capability 9.0, a build without
+// sm_90a code, operands that are not whole 16-byte vectors, an N or K extent taken from the
+// pair counts, or STOCHGATE_CUDA_GEMM=mma in the environment (which keeps the mma.sync kernel
+// below, for comparisons) -- and launch_grouped_gemm then runs the mma.sync kernel.
+template <typename T, typename OutT>
+bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaStream_t stream);
+
 // Launches the grouped GEMM on `stream` (grid: x = group, y = M tile, z = N tile; tiles past
 // the group's extent exit at once, so the grid is sized by max_m / max_n, known on the host,
 // never by the counts, which live on the device). Explicitly instantiated, one dtype per
@@ -220,6 +230,62 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
+// Where one output row of a tile goes, worked out once per row: its address (nullptr when
+// m is past the group's extent M) and the gate it is scaled by (1 when not scaling).
+template <typename OutT, typename AccT>
+struct OutRow {
+  OutT* ptr = nullptr;
+  AccT gate = AccT(1);
+};
+
+template <typename T, typename OutT, typename AccT>
+__device__ __forceinline__ OutRow<OutT, AccT> out_row(const GroupedGemmParams<T, OutT, AccT>& p,
+                                                      int c, int64_t seg, const int* grows,
+                                                      int64_t m, int64_t M) {
+  OutRow<OutT, AccT> r;
+  if (m >= M) return r;
+  int64_t row = m;
+  if (p.out_rows == OutRows::kPair) row = seg + m;
+  if (p.out_rows == OutRows::kGathered) row = grows[m];
+  r.ptr = p.out + c * p.out_group_stride + row * p.ldo;
+  if (p.scale_by_gate) r.gate = p.pair_gate[seg + m];
+  return r;
+}
+
+// Output n of a row (n < N): (acc + bias[n]) * gate.
+template <typename T, typename OutT, typename AccT>
+__device__ __forceinline__ void put1(const GroupedGemmParams<T, OutT, AccT>& p,
+                                     const OutRow<OutT, AccT>& r, int c, int64_t n, int64_t N,
+                                     AccT v) {
+  if (r.ptr == nullptr || n >= N) return;
+  if (p.bias != nullptr) v += static_cast<AccT>(p.bias[c * p.bias_group_stride + n]);
+  r.ptr[n] = static_cast<OutT>(v * r.gate);
+}
+
+// Outputs n and n + 1 of a row (n even): one 2-element store when both are in range and
+// out_pair says the address is aligned for it.
+template <typename T, typename OutT, typename AccT>
+__device__ __forceinline__ void put2(const GroupedGemmParams<T, OutT, AccT>& p,
+                                     const OutRow<OutT, AccT>& r, int c, int64_t n, int64_t N,
+                                     AccT v0, AccT v1) {
+  if (r.ptr == nullptr || n >= N) return;
+  if (!p.out_pair || n + 1 >= N) {
+    put1(p, r, c, n, N, v0);
+    put1(p, r, c, n + 1, N, v1);
+    return;
+  }
+  if (p.bias != nullptr) {
+    v0 += static_cast<AccT>(p.bias[c * p.bias_group_stride + n]);
+    v1 += static_cast<AccT>(p.bias[c * p.bias_group_stride + n + 1]);
+  }
+  struct alignas(2 * sizeof(OutT)) Two {
+    OutT v[2];
+  } two;
+  two.v[0] = static_cast<OutT>(v0 * r.gate);
+  two.v[1] = static_cast<OutT>(v1 * r.gate);
+  *reinterpret_cast<Two*>(r.ptr + n) = two;
+}
+
 template <typename T, typename OutT, bool A_KM, bool B_KM>
 __global__ void __launch_bounds__(Tile<T>::THREADS)
     grouped_gemm_kernel(const GroupedGemmParams<T, OutT, acc_of<T>> p) {
@@ -264,47 +330,6 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
   };
 
   const int64_t ktiles = (K + BK - 1) / BK;
-
-  // Output element (ml, nl) of this tile -> global memory.
-  auto store = [&](int ml, int nl, AccT v) {
-    const int64_t m = m0 + ml, n = n0 + nl;
-    if (m >= M || n >= N) return;
-    if (p.bias != nullptr) v += static_cast<AccT>(p.bias[c * p.bias_group_stride + n]);
-    if (p.scale_by_gate) v *= p.pair_gate[seg + m];
-    int64_t row = m;
-    if (p.out_rows == OutRows::kPair) row = seg + m;
-    if (p.out_rows == OutRows::kGathered) row = grows[m];
-    p.out[c * p.out_group_stride + row * p.ldo + n] = static_cast<OutT>(v);
-  };
-  // Outputs (ml, nl) and (ml, nl + 1), nl even: one 2-element store when both are in range
-  // and out_pair says the address is aligned for it.
-  auto store2 = [&](int ml, int nl, AccT v0, AccT v1) {
-    const int64_t m = m0 + ml, n = n0 + nl;
-    if (m >= M || n >= N) return;
-    if (!p.out_pair || n + 1 >= N) {
-      store(ml, nl, v0);
-      store(ml, nl + 1, v1);
-      return;
-    }
-    if (p.bias != nullptr) {
-      v0 += static_cast<AccT>(p.bias[c * p.bias_group_stride + n]);
-      v1 += static_cast<AccT>(p.bias[c * p.bias_group_stride + n + 1]);
-    }
-    if (p.scale_by_gate) {
-      const AccT g = p.pair_gate[seg + m];
-      v0 *= g;
-      v1 *= g;
-    }
-    int64_t row = m;
-    if (p.out_rows == OutRows::kPair) row = seg + m;
-    if (p.out_rows == OutRows::kGathered) row = grows[m];
-    struct alignas(2 * sizeof(OutT)) Two {
-      OutT v[2];
-    } two;
-    two.v[0] = static_cast<OutT>(v0);
-    two.v[1] = static_cast<OutT>(v1);
-    *reinterpret_cast<Two*>(p.out + c * p.out_group_stride + row * p.ldo + n) = two;
-  };
 
   // Pipeline: STAGES-1 tiles in flight; one commit group per iteration (possibly empty) so
   // that wait_group<STAGES-2> always means "tile kt has landed".
@@ -382,13 +407,14 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < NI; ++ni)
+      for (int h = 0; h < 2; ++h) {
+        const auto row = out_row(p, c, seg, grows, m0 + wm * WM + mi * 16 + lane / 4 + h * 8, M);
 #pragma unroll
-        for (int r = 0; r < 4; r += 2) {
-          const int ml = wm * WM + mi * 16 + lane / 4 + (r / 2) * 8;
-          const int nl = wn * WN + ni * 8 + (lane % 4) * 2;
-          store2(ml, nl, acc[mi][ni][r], acc[mi][ni][r + 1]);
+        for (int ni = 0; ni < NI; ++ni) {
+          const int64_t n = n0 + wn * WN + ni * 8 + (lane % 4) * 2;
+          put2(p, row, c, n, N, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
         }
+      }
   } else {
     // SIMT: thread (tm, tn) owns rows tm + 16 i and columns tn + 16 j (i, j < 4).
     constexpr int TM = 4, TN = 4;
@@ -429,9 +455,11 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
     }
     cp_async_wait<0>();
 #pragma unroll
-    for (int i = 0; i < TM; ++i)
+    for (int i = 0; i < TM; ++i) {
+      const auto row = out_row(p, c, seg, grows, m0 + tm + 16 * i, M);
 #pragma unroll
-      for (int j = 0; j < TN; ++j) store(tm + 16 * i, tn + 16 * j, acc[i][j]);
+      for (int j = 0; j < TN; ++j) put1(p, row, c, n0 + tn + 16 * j, N, acc[i][j]);
+    }
   }
 }
 
@@ -455,11 +483,14 @@ void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStr
   STOCHGATE_CHECK(mt <= 65535 && nt <= 65535,
                   "stochgate gated matmul: problem too large for the CUDA grid (", p.max_m, " x ",
                   p.max_n, " outputs per chunk)");
-  constexpr int smem = detail::smem_bytes<T, AK, BK>();
-  auto kernel = detail::grouped_gemm_kernel<T, OutT, AK, BK>;
   GroupedGemmParams<T, OutT, acc_of<T>> q = p;
   q.out_pair = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(OutT)) == 0 && p.ldo % 2 == 0 &&
                p.out_group_stride % 2 == 0;
+  if constexpr (AK && BK && detail::kTensorCores<T>) {
+    if (launch_grouped_gemm_sm90<T, OutT>(q, stream)) return;
+  }
+  constexpr int smem = detail::smem_bytes<T, AK, BK>();
+  auto kernel = detail::grouped_gemm_kernel<T, OutT, AK, BK>;
   if constexpr (smem > 48 * 1024) {
     // Not a stream operation: legal during CUDA graph capture.
     C10_CUDA_CHECK(

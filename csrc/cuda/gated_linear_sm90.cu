@@ -1,0 +1,398 @@
+// The Hopper (sm_90a) kernel of the grouped gathered GEMM, for the layout where both operands
+// are K-major (A[m, k] = a[line(m) * lda + k], B[k, n] = b[line(n) * ldb + k]) in half and
+// bfloat16: gated_linear's forward product (x rows gathered per chunk times W[chunk c]) and
+// gated_input_linear's per-chunk partials. The parameters and output rules are those of
+// gated_linear.cuh; only the machinery differs from its mma.sync kernel:
+//
+//   * tiles of 128 x 128 outputs, K in steps of 64 (one 128-byte line per row and step);
+//   * two warpgroups, each computing 64 x 128 with wgmma.m64n128k16 (fp32 accumulators in
+//     registers, both operands read by the tensor cores from shared memory);
+//   * every thread copies 16-byte vectors with cp.async (rows gathered through the row list --
+//     the bulk tensor copy engine cannot gather rows on sm_90) into shared memory laid out as
+//     the 128-byte swizzle that the wgmma descriptors name: vector j of row r lives at
+//     r * 128 + 16 * (j ^ (r % 8)) in a 1024-byte-aligned tile, so that the 8 rows an
+//     ldmatrix-like tensor-core read touches fall in distinct banks;
+//   * a STAGES-deep ring: while the tensor cores work on step k, steps k+1 .. k+STAGES-2 are in
+//     flight and step k-1's wgmma may still be reading its stage (3 stages and two blocks per
+//     SM by default, 4 stages and one block on request);
+//   * a persistent grid: each block walks tiles t = blockIdx.x, + gridDim.x, ..., mapping t to
+//     (chunk, M tile, N tile) from the pair counts on the device (no host synchronisation),
+//     M tile by M tile across the chunks (find_tile_by_level) so that concurrent tiles share
+//     their gathered rows in L2.
+//
+// Compiled for every architecture in the build; the body exists only in the sm_90a pass
+// (__CUDA_ARCH_FEAT_SM90_ALL), and the host launches it only on a compute-capability-9.0 GPU
+// of a build that has sm_90a code (STOCHGATE_HAS_SM90A).
+#define STOCHGATE_GATED_GEMM_IMPL
+#include "gated_linear.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace stochgate {
+namespace gated {
+namespace sm90 {
+
+constexpr int BM = 128, BN = 128, BK = 64, THREADS = 256;
+constexpr int kTileBytes = BM * BK * 2;           // one operand tile of one stage (16 KB)
+constexpr int kStageBytes = 2 * kTileBytes;       // A and B
+template <int STAGES>
+constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + room to align to 1024 bytes
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define STOCHGATE_SM90_BODY 1
+#else
+#define STOCHGATE_SM90_BODY 0
+#endif
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+
+// Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle: start address,
+// leading-dimension offset (unused by this layout; 16 bytes by convention), stride between
+// 8-row groups (8 rows x 128 bytes), swizzle mode 1 = 128 bytes. Fields hold byte values >> 4.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(16 >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if STOCHGATE_SM90_BODY
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if STOCHGATE_SM90_BODY
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if STOCHGATE_SM90_BODY
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Makes this thread's ordinary (generic-proxy) shared-memory writes, cp.async's included,
+// visible to the tensor cores' (async-proxy) reads that follow the next barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+#if STOCHGATE_SM90_BODY
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Tells the compiler that the accumulators may have changed here (after wgmma_wait): their
+// reads must not move above it.
+__device__ __forceinline__ void fence_acc(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D (64 x 128, fp32, this warpgroup's registers) += A (64 x 16) * B (16 x 128), both from
+// shared memory through their descriptors.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db) {
+#if STOCHGATE_SM90_BODY
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17,"
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33,"
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49,"
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+          "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
+          "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
+          "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17,"
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33,"
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49,"
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+          "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+          "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
+          "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
+          "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db));
+  }
+#else
+  (void)d;
+  (void)da;
+  (void)db;
+#endif
+}
+
+// Maps tile t of the whole problem to (group c, tile lt within it), counting each group's
+// tiles as ceil(M_c / BM) * nt from the pair counts; false when t is past the last tile.
+// Called by whole warps (each warp works it out alone; the answer is the same in all).
+template <typename T, typename OutT>
+__device__ __forceinline__ bool find_tile(const GroupedGemmParams<T, OutT, float>& p, int64_t t,
+                                          int64_t nt, int& c, int64_t& lt) {
+  const int lane = threadIdx.x % 32;
+  int64_t before = 0;
+  for (int base = 0; base < p.num_groups; base += 32) {
+    const int g = base + lane;
+    int64_t tiles = 0;
+    if (g < p.num_groups) {
+      const int64_t mg = p.m == kFromCount ? p.group_off[g + 1] - p.group_off[g] : p.m;
+      tiles = (mg + BM - 1) / BM * nt;
+    }
+    int64_t incl = tiles;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int64_t v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    const int64_t total = __shfl_sync(0xffffffffu, incl, 31);
+    if (t < before + total) {
+      const unsigned hit = __ballot_sync(0xffffffffu, t < before + incl);
+      const int l = __ffs(hit) - 1;
+      const int64_t excl = __shfl_sync(0xffffffffu, incl - tiles, l);
+      c = base + l;
+      lt = t - before - excl;
+      return true;
+    }
+    before += total;
+  }
+  return false;
+}
+
+// Level-major order, for up to 64 groups: all groups' first M tiles (each with its N tiles),
+// then all groups' second M tiles, and so on. Row lists are sorted by row, so M tile i of
+// every group covers about the same span of rows; tiles running at the same time then share
+// their gathered rows in L2 (in group-major order each row would be fetched from DRAM once
+// per active chunk). `tiles0` / `tiles1`: M-tile count of group lane / lane + 32 (0 past the
+// last group). `level` and `start` (tiles before `level`) carry over between the calls of a
+// block, whose t only grows, so a block walks the levels once in all.
+__device__ __forceinline__ bool find_tile_by_level(int64_t t, int64_t nt, int tiles0, int tiles1,
+                                                   int& level, int64_t& start, int& c,
+                                                   int64_t& lt) {
+  const int lane = threadIdx.x % 32;
+  for (;; ++level) {
+    const unsigned b0 = __ballot_sync(0xffffffffu, tiles0 > level);
+    const unsigned b1 = __ballot_sync(0xffffffffu, tiles1 > level);
+    const int groups = __popc(b0) + __popc(b1);
+    if (groups == 0) return false;
+    const int64_t count = groups * nt;
+    if (t < start + count) {
+      const int64_t q = t - start;
+      const int ord = static_cast<int>(q / nt);  // the ord-th group (0-based) with this level
+      const bool first = ord < __popc(b0);
+      const unsigned mask = first ? b0 : b1;
+      const int k = first ? ord : ord - __popc(b0);
+      const unsigned upto = mask & (0xffffffffu >> (31 - lane));  // bits 0..lane
+      const unsigned hit = __ballot_sync(0xffffffffu, ((mask >> lane) & 1u) && __popc(upto) == k + 1);
+      c = (first ? 0 : 32) + __ffs(hit) - 1;
+      lt = level * nt + q % nt;
+      return true;
+    }
+    start += count;
+  }
+}
+
+template <typename T, typename OutT, int STAGES, int MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    gemm_kernel(const GroupedGemmParams<T, OutT, float> p, bool level_order) {
+#if STOCHGATE_SM90_BODY
+  static_assert(STAGES >= 3, "the ring keeps one stage for the wgmma still reading");
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+  const int64_t N = p.n, K = p.k;
+  const int64_t nt = (N + BN - 1) / BN;
+  const int64_t ktiles = (K + BK - 1) / BK;
+  // This thread's copies: vector j = tid % 8 of rows tid / 8 + 32 i (i < 4) of both tiles.
+  const int j = tid % 8;
+  uint32_t dst[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = tid / 8 + 32 * i;
+    dst[i] = r * 128 + ((j ^ (r % 8)) << 4);
+  }
+
+  const bool by_level = level_order && p.num_groups <= 64;
+  int tiles0 = 0, tiles1 = 0, level = 0;
+  int64_t start = 0;
+  if (by_level) {
+    auto tiles_of = [&](int g) -> int {
+      if (g >= p.num_groups) return 0;
+      const int64_t mg = p.m == kFromCount ? p.group_off[g + 1] - p.group_off[g] : p.m;
+      return static_cast<int>((mg + BM - 1) / BM);
+    };
+    tiles0 = tiles_of(lane);
+    tiles1 = tiles_of(lane + 32);
+  }
+  for (int64_t t = blockIdx.x;; t += gridDim.x) {
+    int c;
+    int64_t lt;
+    if (by_level ? !find_tile_by_level(t, nt, tiles0, tiles1, level, start, c, lt)
+                 : !find_tile(p, t, nt, c, lt)) {
+      break;
+    }
+    const int64_t seg = p.group_off[c];
+    const int64_t M = p.m == kFromCount ? p.group_off[c + 1] - seg : p.m;
+    const int64_t m0 = lt / nt * BM, n0 = lt % nt * BN;
+    const int* grows = p.rows + seg;
+    const T* a_base = p.a.ptr + c * p.a.group_stride;
+    const T* b_base = p.b.ptr + c * p.b.group_stride;
+    const T* a_src[4];
+    const T* b_src[4];
+    bool a_ok[4], b_ok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t r = tid / 8 + 32 * i;
+      a_ok[i] = m0 + r < M;
+      b_ok[i] = n0 + r < N;
+      const int64_t al = a_ok[i] ? (p.a.gather ? grows[m0 + r] : m0 + r) : 0;
+      const int64_t bl = b_ok[i] ? (p.b.gather ? grows[n0 + r] : n0 + r) : 0;
+      a_src[i] = a_base + al * p.a.ld + j * 8;
+      b_src[i] = b_base + bl * p.b.ld + j * 8;
+    }
+    auto load = [&](int s, int64_t kt) {
+      const int64_t k = kt * BK;
+      const bool k_ok = k + j * 8 < K;
+      const uint32_t sa = smem + s * kStageBytes, sb = sa + kTileBytes;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        cp_async16(sa + dst[i], a_ok[i] && k_ok ? a_src[i] + k : a_base, a_ok[i] && k_ok);
+        cp_async16(sb + dst[i], b_ok[i] && k_ok ? b_src[i] + k : b_base, b_ok[i] && k_ok);
+      }
+    };
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+    __syncthreads();  // the previous tile's wgmma reads of the ring are over in every warp
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) {
+      if (s < ktiles) load(s, s);
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    for (int64_t kt = 0; kt < ktiles; ++kt) {
+      // Step kt is commit group kt: STAGES - 3 later groups may still be pending.
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 3) : "memory");
+      fence_proxy_async();
+      // After this barrier step kt is in shared memory for everyone, and step kt - 2's wgmma
+      // (waited for by every warpgroup at the end of the last iteration) is over, so its
+      // stage can be refilled.
+      __syncthreads();
+      if (kt + STAGES - 2 < ktiles) load(static_cast<int>((kt + STAGES - 2) % STAGES), kt + STAGES - 2);
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      const uint32_t sa = smem + static_cast<uint32_t>(kt % STAGES) * kStageBytes + wg * (64 * 128);
+      const uint32_t sb = smem + static_cast<uint32_t>(kt % STAGES) * kStageBytes + kTileBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        wgmma_m64n128k16<T>(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
+      }
+      wgmma_commit();
+      wgmma_wait<1>();
+    }
+    wgmma_wait<0>();
+    fence_acc(acc);
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+
+    // Accumulator layout of wgmma m64nNk16: warp w of the warpgroup holds rows 16 w + lane / 4
+    // (registers 4 q + 0, 1) and + 8 (4 q + 2, 3), columns 8 q + 2 (lane % 4) + 0, 1.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = m0 + wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
+      const auto row = detail::out_row(p, c, seg, grows, m, M);
+#pragma unroll
+      for (int q = 0; q < 16; ++q) {
+        const int64_t n = n0 + q * 8 + (lane % 4) * 2;
+        detail::put2(p, row, c, n, N, acc[4 * q + 2 * h], acc[4 * q + 2 * h + 1]);
+      }
+    }
+  }
+#else
+  (void)p;
+  (void)level_order;
+  __trap();  // launched only where the sm_90a body exists (see launch_grouped_gemm_sm90)
+#endif
+}
+
+// "auto" (default): this kernel where it applies; "mma": always the mma.sync kernel.
+bool sm90_allowed() {
+  const char* v = std::getenv("STOCHGATE_CUDA_GEMM");
+  return v == nullptr || std::strcmp(v, "mma") != 0;
+}
+
+template <typename T, typename OutT, int STAGES, int MIN_BLOCKS>
+void launch(const GroupedGemmParams<T, OutT, float>& p, cudaStream_t stream, int sms,
+            bool level_order) {
+  auto kernel = gemm_kernel<T, OutT, STAGES, MIN_BLOCKS>;
+  constexpr int smem = kSmemBytes<STAGES>;
+  // Not a stream operation: legal during CUDA graph capture.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int64_t nt = (p.n + BN - 1) / BN;
+  const int64_t most_tiles = static_cast<int64_t>(p.num_groups) * ((p.max_m + BM - 1) / BM) * nt;
+  const int64_t blocks = std::min<int64_t>(most_tiles, static_cast<int64_t>(sms) * MIN_BLOCKS);
+  kernel<<<static_cast<unsigned>(blocks), THREADS, smem, stream>>>(p, level_order);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace sm90
+
+template <typename T, typename OutT>
+bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaStream_t stream) {
+#ifndef STOCHGATE_HAS_SM90A
+  (void)p;
+  (void)stream;
+  return false;
+#else
+  if (!sm90::sm90_allowed()) return false;
+  if (!p.a.vec || !p.b.vec || p.n == kFromCount || p.k == kFromCount || p.k <= 0) return false;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major != 9 || prop->minor != 0) return false;
+  if (p.num_groups <= 0 || p.max_m <= 0 || p.n <= 0) return true;  // nothing to compute
+  // Measurement toggles (benchmarks/gpu_sm90.py): ring depth 3 (default: two blocks per SM,
+  // 97 KB of shared memory each) or 4 (one block per SM), and tile order by level (default)
+  // or by group. The defaults were the fastest on an H100 (benchmarks/GPU_NOTES.md, run 5).
+  const char* stages = std::getenv("STOCHGATE_SM90_STAGES");
+  const char* order = std::getenv("STOCHGATE_SM90_ORDER");
+  const bool level_order = order == nullptr || std::strcmp(order, "group") != 0;
+  if (stages != nullptr && std::strcmp(stages, "4") == 0) {
+    sm90::launch<T, OutT, 4, 1>(p, stream, prop->multiProcessorCount, level_order);
+  } else {
+    sm90::launch<T, OutT, 3, 2>(p, stream, prop->multiProcessorCount, level_order);
+  }
+  return true;
+#endif
+}
+
+template bool launch_grouped_gemm_sm90<c10::BFloat16, c10::BFloat16>(
+    const GroupedGemmParams<c10::BFloat16, c10::BFloat16, float>&, cudaStream_t);
+template bool launch_grouped_gemm_sm90<c10::BFloat16, float>(
+    const GroupedGemmParams<c10::BFloat16, float, float>&, cudaStream_t);
+template bool launch_grouped_gemm_sm90<c10::Half, c10::Half>(
+    const GroupedGemmParams<c10::Half, c10::Half, float>&, cudaStream_t);
+template bool launch_grouped_gemm_sm90<c10::Half, float>(
+    const GroupedGemmParams<c10::Half, float, float>&, cudaStream_t);
+
+}  // namespace gated
+}  // namespace stochgate
