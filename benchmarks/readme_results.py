@@ -170,6 +170,44 @@ def _gpu(path: Path) -> list[str]:
         out.append("")
     out.append(f"Command: `bash benchmarks/gpu_check.sh \"$OUT\"` (its benchmark step is `python benchmarks/gpu_bench.py DIR`) → "
                f"`{path.relative_to(ROOT)}`")
+    sm90 = path.with_name(path.stem + "_sm90.json")
+    if sm90.exists():
+        out.append("")
+        out.extend(_sm90(sm90))
+    return out
+
+
+# Variant names of benchmarks/gpu_sm90.py; run 5 called the four-stage ring "sm90".
+_SM90_LABELS = {"sm90_s3": "wgmma, 3 stages", "sm90_s4": "wgmma, 4 stages", "sm90": "wgmma, 4 stages",
+                "sm90_s4_group": "wgmma, 4 stages, chunk order", "sm90_group": "wgmma, 4 stages, chunk order",
+                "mma": "mma.sync"}
+
+
+def _sm90(path: Path) -> list[str]:
+    """The Hopper GEMM kernel's variants against dense, eager and replayed from a CUDA graph
+    (benchmarks/gpu_sm90.py)."""
+    r = json.loads(path.read_text())
+    sh = r["shape"]
+    by: dict = {}
+    for row in r["timings"]:
+        by.setdefault((row["op"], row["density"]), {})[row["variant"]] = row
+    variants = [v for v in _SM90_LABELS if v in next(iter(by.values()))]
+    out = [f"The GEMM kernels of the K-major products side by side ({sh['dtype']}, B={sh['B']}, K=N={sh['K']}, "
+           f"chunk {sh['chunk']}; medians of 25, interleaved with dense in one process). Each cell: ms eager / ms replayed "
+           "from a captured CUDA graph, and the speedups over dense in the same mode. The three-stage wgmma ring is the "
+           "default on Hopper GPUs; mma.sync is the kernel of every other GPU."]
+    if "sm90" in variants:
+        out[0] += (" In this run the table above still used the four-stage ring, the default then; "
+                   "the three-stage one became the default after it.")
+    out += ["", "| op | d | dense | " + " | ".join(_SM90_LABELS[v] for v in variants) + " |",
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in variants) + " |"]
+    for (op, d), vs in by.items():
+        dn = vs["dense"]
+        cells = [f"{vs[v]['eager_ms']:.3f} / {vs[v]['graph_ms']:.3f} "
+                 f"(**{dn['eager_ms'] / vs[v]['eager_ms']:.2f}x** / {dn['graph_ms'] / vs[v]['graph_ms']:.2f}x)" for v in variants]
+        out.append(f"| `{op}` | {d:g} | {dn['eager_ms']:.3f} / {dn['graph_ms']:.3f} | " + " | ".join(cells) + " |")
+    out += ["", f"Command: the `sm90` step of `bash benchmarks/gpu_check.sh \"$OUT\"` "
+                f"(`python benchmarks/gpu_sm90.py DIR`) → `{path.relative_to(ROOT)}`"]
     return out
 
 
