@@ -152,11 +152,14 @@ struct SmemTile {
   static constexpr int ELEMS = LINES * LDS;
 };
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+// smem: a shared-memory address (as cvta gives it), or a generic pointer into shared memory.
+__device__ __forceinline__ void cp_async16(unsigned smem, const void* gmem, bool pred) {
   const int src_bytes = pred ? 16 : 0;  // 0: no global read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
                "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  cp_async16(static_cast<unsigned>(__cvta_generic_to_shared(smem)), gmem, pred);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

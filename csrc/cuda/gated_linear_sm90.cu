@@ -47,10 +47,7 @@ constexpr int kSmemBytes = STAGES * kStageBytes + 1024;  // + room to align to 1
 #define STOCHGATE_SM90_BODY 0
 #endif
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(pred ? 16 : 0));
-}
+using detail::cp_async16;
 
 // Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle: start address,
 // leading-dimension offset (unused by this layout; 16 bytes by convention), stride between
