@@ -9,6 +9,7 @@ ops from torch.profiler. Writes JSON files into the directory given as the first
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -79,6 +80,42 @@ def estimator_kernels(numel: int = 64 * 1024 * 1024) -> dict:
     return res
 
 
+def sample_and_route(repeats: int = 25) -> list[dict]:
+    """Issue 6's sample-and-route item, measured on the unfused path (no fused kernel exists):
+    gater logits -> stochgate.straight_through (sampling kernel) -> gated_linear (which routes
+    on the device), against gated_linear given the same density of precomputed gates; bf16,
+    the benchmark's shape, forward, eager and replayed from a CUDA graph, interleaved."""
+    from gpu_sm90 import graph_of  # benchmarks/ is on sys.path when this file runs as a script
+
+    rows = []
+    for density in (0.1, 0.25):
+        inputs, _ = bench.make_inputs("gated_linear", B, K, N, CHUNK, density, torch.bfloat16, "cuda")
+        x, w, bias, gates = inputs
+        logits = torch.full(gates.shape, math.log(density / (1 - density)), device="cuda", dtype=torch.bfloat16)
+
+        def given_gates():
+            return stochgate.gated_linear(x, w, bias, gates)
+
+        def sampled():
+            return stochgate.gated_linear(x, w, bias, stochgate.straight_through(logits))
+
+        with torch.no_grad():
+            runs = {"given_gates": given_gates, "sample_then_route": sampled}
+            graphs = {k: graph_of(f) for k, f in runs.items()}
+            eager = bench.time_interleaved(runs, repeats, "cuda", warmup=3)
+            replay = bench.time_interleaved(graphs, repeats, "cuda", warmup=3)
+        row = {"density": density}
+        for name in runs:
+            row[f"{name}_eager_ms"] = statistics.median(eager[name]) * 1e3
+            row[f"{name}_graph_ms"] = statistics.median(replay[name]) * 1e3
+        for mode in ("eager", "graph"):
+            row[f"overhead_{mode}"] = row[f"sample_then_route_{mode}_ms"] / row[f"given_gates_{mode}_ms"] - 1
+        rows.append(row)
+        del inputs, x, w, bias, gates, graphs
+        torch.cuda.empty_cache()
+    return rows
+
+
 def kernel_breakdown() -> dict:
     """CUDA time per kernel name of one call of each gated op (bf16, the benchmark's shape)."""
     from torch.profiler import ProfilerActivity, profile
@@ -115,7 +152,11 @@ def summary(results: dict) -> None:
           f"copy {c['copy_GBps']:.0f} GB/s | cuBLAS bf16 {c[f'gemm_bfloat16_{B}x{K}x{N}_TFLOPs']:.0f} TFLOP/s, "
           f"fp32 {c[f'gemm_float32_{B}x{K}x{N}_TFLOPs']:.0f} TFLOP/s at {B}x{K}x{N}")
     for name, r in results["info"].get("estimator_kernels", {}).items():
-        print(f"    {name:<40} {r}" if not isinstance(r, dict) else f"    {name:<40} {r['ms']:7.3f} ms {r['GBps']:6.0f} GB/s")
+        print(f"    {name:<40} {r}" if not isinstance(r, dict) else
+              f"    {name:<40} {r['ms']:7.3f} ms {r['GBps']:6.0f} GB/s = {100 * r['GBps'] / c['copy_GBps']:3.0f}% of copy")
+    for r in results["info"].get("sample_and_route", []):
+        print(f"    straight_through + gated_linear over gated_linear given gates, d={r['density']}: "
+              f"+{100 * r['overhead_eager']:.1f}% eager, +{100 * r['overhead_graph']:.1f}% graph")
     for name, r in results.items():
         if name in ("info", "kernels"):
             continue
@@ -187,6 +228,16 @@ def main() -> int:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         torch.cuda.empty_cache()
         (outdir / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"\n##### sample and route ({time.time() - t0:.0f} s)", flush=True)
+    try:
+        results["info"]["sample_and_route"] = sample_and_route()
+        for r in results["info"]["sample_and_route"]:
+            print(f"d={r['density']}: gated_linear given gates {r['given_gates_eager_ms']:.3f} / "
+                  f"{r['given_gates_graph_ms']:.3f} ms, straight_through + gated_linear "
+                  f"{r['sample_then_route_eager_ms']:.3f} / {r['sample_then_route_graph_ms']:.3f} ms (eager / graph): "
+                  f"+{100 * r['overhead_eager']:.1f}% / +{100 * r['overhead_graph']:.1f}%")
+    except Exception as exc:  # noqa: BLE001
+        print(f"sample and route FAILED: {type(exc).__name__}: {exc}")
     print(f"\n##### kernel breakdown ({time.time() - t0:.0f} s)", flush=True)
     try:
         results["kernels"] = kernel_breakdown()

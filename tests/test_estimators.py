@@ -386,3 +386,62 @@ def test_cuda_graph_capture_no_host_sync():
     torch.cuda.synchronize()
     assert static["h"].shape == x.shape
     assert not torch.equal(first, static["r"])  # fresh randomness per replay
+
+
+def _offset_copy(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """A contiguous copy of x whose data starts `shift` elements into its storage (so not
+    16-byte aligned for shift % (16 / itemsize) != 0)."""
+    buf = torch.empty(x.numel() + shift, dtype=x.dtype, device=x.device)
+    out = buf[shift:].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("numel", [5, 64, 64 * 37, 64 * 37 + 1, 64 * 37 + 63, (1 << 16) + 29])
+def test_cuda_sampling_vector_and_scalar_paths(dtype, numel):
+    """The CUDA sampling kernels have a 16-byte-vector path (aligned input, whole 64-element
+    blocks, the partial last block done group by group) and a scalar path (unaligned input):
+    both must draw the same samples, bit for bit, and agree with the CPU kernels."""
+    x = (2 * torch.randn(numel, dtype=torch.float64)).to(dtype)
+    key = torch.tensor([987654321, 7], dtype=torch.int64)
+    ops = torch.ops.stochgate
+    for op, args in (
+        (ops.binary_sample, ()),
+        (ops.stochastic_times_smooth, ()),
+        (ops.noisy_rectifier, (1.0, False)),
+        (ops.noisy_rectifier, (0.5, True)),
+    ):
+        cpu = op(x, key, *args)
+        aligned = op(x.cuda(), key.cuda(), *args)
+        unaligned = op(_offset_copy(x.cuda(), 1), key.cuda(), *args)
+        assert torch.equal(aligned, unaligned), op
+        got = aligned.cpu()
+        if op in (ops.binary_sample, ops.stochastic_times_smooth):
+            differ = (got != 0) != (cpu != 0)
+            assert differ.sum().item() <= max(1, numel // 1000), op
+            torch.testing.assert_close(got[~differ], cpu[~differ], atol=_tol(dtype), rtol=_tol(dtype))
+        else:
+            torch.testing.assert_close(got, cpu, atol=10 * _tol(dtype), rtol=10 * _tol(dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (37, 13), (4, 4), (300, 257)])
+def test_cuda_reinforce_backward_matches_cpu(dtype, shape):
+    """The CUDA REINFORCE backward (four elements per thread, row and unit stepped across row
+    ends) against the CPU kernel, aligned and unaligned."""
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    h = torch.bernoulli(torch.sigmoid(x.double())).to(dtype)
+    loss = torch.rand(shape[0])
+    base = torch.randn(shape[1])
+    grad = torch.tensor(1.5, dtype=dtype)
+    ops = torch.ops.stochgate
+    cpu = ops.reinforce_backward(grad, x, h, loss, base, 0.25)
+    for shift in (0, 1):
+        xc, hc = _offset_copy(x.cuda(), shift), _offset_copy(h.cuda(), shift)
+        got = ops.reinforce_backward(grad.cuda(), xc, hc, loss.cuda(), base.cuda(), 0.25).cpu()
+        torch.testing.assert_close(got, cpu, atol=_tol(dtype), rtol=_tol(dtype))

@@ -394,8 +394,9 @@ HOPPER_SHAPES = [
 @pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_hopper_and_mma_kernels(monkeypatch, dtype, shape):
     """Both GEMM kernels of the K-major products (gated_linear's forward, gated_input_linear's
-    partials) against the reference: the wgmma one (the default on an H100/H200) and the
-    mma.sync one (STOCHGATE_CUDA_GEMM=mma; on other GPUs both runs take it)."""
+    partials) against the reference: the wgmma one (the default on an H100/H200) in each ring
+    configuration (3 or 4 stages, wgmma lag 1 or 0) and the mma.sync one
+    (STOCHGATE_CUDA_GEMM=mma; on other GPUs every run takes it)."""
     B, K, N, C = shape
     x, w, b, gates = _linear_data(B, K, N, C, dtype, density=0.6)
     if B >= 1000:  # every other chunk keeps a quarter of its rows: groups of unequal tile counts
@@ -406,8 +407,12 @@ def test_hopper_and_mma_kernels(monkeypatch, dtype, shape):
     ref2_64 = R.gated_input_linear(h.double(), w2.double(), b2.double(), gates)
     ref2_lp = R.gated_input_linear(h, w2, b2, gates)
     off = (gates == 0).repeat_interleave(N // C, dim=1)
-    for path in ("auto", "mma"):
+    for path, stages, lag in (("auto", "3", "1"), ("auto", "4", "1"), ("auto", "3", "0"), ("auto", "4", "0"),
+                              ("mma", "3", "1")):
         monkeypatch.setenv("STOCHGATE_CUDA_GEMM", path)
+        monkeypatch.setenv("STOCHGATE_SM90_STAGES", stages)
+        monkeypatch.setenv("STOCHGATE_SM90_LAG", lag)
+        path = f"{path}, {stages} stages, lag {lag}"
         y = ops.gated_linear(x, w, b, gates)
         _check(f"y ({path})", y, ref64, ref_lp, dtype)
         assert (y[off] == 0).all(), path

@@ -14,7 +14,8 @@
 //     ldmatrix-like tensor-core read touches fall in distinct banks;
 //   * a STAGES-deep ring: while the tensor cores work on step k, steps k+1 .. k+STAGES-2 are in
 //     flight and step k-1's wgmma may still be reading its stage (3 stages and two blocks per
-//     SM by default, 4 stages and one block on request);
+//     SM by default, 4 stages and one block on request; with LAG = 0 each step's wgmma is
+//     waited for and the loads run one step further ahead);
 //   * a persistent grid: each block walks tiles t = blockIdx.x, + gridDim.x, ..., mapping t to
 //     (chunk, M tile, N tile) from the pair counts on the device (no host synchronisation),
 //     M tile by M tile across the chunks (find_tile_by_level) so that concurrent tiles share
@@ -195,11 +196,17 @@ __device__ __forceinline__ bool find_tile_by_level(int64_t t, int64_t nt, int ti
   }
 }
 
-template <typename T, typename OutT, int STAGES, int MIN_BLOCKS>
+// LAG: how many steps' wgmma a warpgroup leaves running when it goes on to the next step
+// (1: the tensor cores always have the next step queued; the ring then keeps one stage for
+// the step still being read, and loads run STAGES - 2 steps ahead. 0: each step's wgmma is
+// waited for before the next barrier, and loads run STAGES - 1 steps ahead).
+template <typename T, typename OutT, int STAGES, int MIN_BLOCKS, int LAG>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     gemm_kernel(const GroupedGemmParams<T, OutT, float> p, bool level_order) {
 #if STOCHGATE_SM90_BODY
-  static_assert(STAGES >= 3, "the ring keeps one stage for the wgmma still reading");
+  static_assert(LAG == 0 || LAG == 1, "LAG is 0 or 1");
+  static_assert(STAGES >= 2 + LAG, "the ring keeps LAG stages for the wgmma still reading");
+  constexpr int AHEAD = STAGES - 1 - LAG;  // steps whose loads are in flight ahead of the one used
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
@@ -270,19 +277,19 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 
     __syncthreads();  // the previous tile's wgmma reads of the ring are over in every warp
 #pragma unroll
-    for (int s = 0; s < STAGES - 2; ++s) {
+    for (int s = 0; s < AHEAD; ++s) {
       if (s < ktiles) load(s, s);
       asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
     for (int64_t kt = 0; kt < ktiles; ++kt) {
-      // Step kt is commit group kt: STAGES - 3 later groups may still be pending.
-      asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 3) : "memory");
+      // Step kt is commit group kt: AHEAD - 1 later groups may still be pending.
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(AHEAD - 1) : "memory");
       fence_proxy_async();
-      // After this barrier step kt is in shared memory for everyone, and step kt - 2's wgmma
-      // (waited for by every warpgroup at the end of the last iteration) is over, so its
-      // stage can be refilled.
+      // After this barrier step kt is in shared memory for everyone, and step kt - 1 - LAG's
+      // wgmma (waited for by every warpgroup at the end of the last iteration) is over, so
+      // its stage, the one step kt + AHEAD uses, can be refilled.
       __syncthreads();
-      if (kt + STAGES - 2 < ktiles) load(static_cast<int>((kt + STAGES - 2) % STAGES), kt + STAGES - 2);
+      if (kt + AHEAD < ktiles) load(static_cast<int>((kt + AHEAD) % STAGES), kt + AHEAD);
       asm volatile("cp.async.commit_group;\n" ::: "memory");
       const uint32_t sa = smem + static_cast<uint32_t>(kt % STAGES) * kStageBytes + wg * (64 * 128);
       const uint32_t sb = smem + static_cast<uint32_t>(kt % STAGES) * kStageBytes + kTileBytes;
@@ -292,7 +299,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         wgmma_m64n128k16<T>(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
       }
       wgmma_commit();
-      wgmma_wait<1>();
+      wgmma_wait<LAG>();
     }
     wgmma_wait<0>();
     fence_acc(acc);
@@ -324,10 +331,10 @@ bool sm90_allowed() {
   return v == nullptr || std::strcmp(v, "mma") != 0;
 }
 
-template <typename T, typename OutT, int STAGES, int MIN_BLOCKS>
+template <typename T, typename OutT, int STAGES, int MIN_BLOCKS, int LAG>
 void launch(const GroupedGemmParams<T, OutT, float>& p, cudaStream_t stream, int sms,
             bool level_order) {
-  auto kernel = gemm_kernel<T, OutT, STAGES, MIN_BLOCKS>;
+  auto kernel = gemm_kernel<T, OutT, STAGES, MIN_BLOCKS, LAG>;
   constexpr int smem = kSmemBytes<STAGES>;
   // Not a stream operation: legal during CUDA graph capture.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -353,15 +360,25 @@ bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaSt
   if (prop->major != 9 || prop->minor != 0) return false;
   if (p.num_groups <= 0 || p.max_m <= 0 || p.n <= 0) return true;  // nothing to compute
   // Measurement toggles (benchmarks/gpu_sm90.py): ring depth 3 (default: two blocks per SM,
-  // 97 KB of shared memory each) or 4 (one block per SM), and tile order by level (default)
-  // or by group. The defaults were the fastest on an H100 (benchmarks/GPU_NOTES.md, run 5).
+  // 97 KB of shared memory each) or 4 (one block per SM), the wgmma lag (1, default, or 0:
+  // see gemm_kernel), and tile order by level (default) or by group. The defaults were the
+  // fastest on an H100 (benchmarks/GPU_NOTES.md, run 5).
   const char* stages = std::getenv("STOCHGATE_SM90_STAGES");
+  const char* lag = std::getenv("STOCHGATE_SM90_LAG");
   const char* order = std::getenv("STOCHGATE_SM90_ORDER");
   const bool level_order = order == nullptr || std::strcmp(order, "group") != 0;
+  const bool lag0 = lag != nullptr && std::strcmp(lag, "0") == 0;
+  const int sms = prop->multiProcessorCount;
   if (stages != nullptr && std::strcmp(stages, "4") == 0) {
-    sm90::launch<T, OutT, 4, 1>(p, stream, prop->multiProcessorCount, level_order);
+    if (lag0) {
+      sm90::launch<T, OutT, 4, 1, 0>(p, stream, sms, level_order);
+    } else {
+      sm90::launch<T, OutT, 4, 1, 1>(p, stream, sms, level_order);
+    }
+  } else if (lag0) {
+    sm90::launch<T, OutT, 3, 2, 0>(p, stream, sms, level_order);
   } else {
-    sm90::launch<T, OutT, 3, 2>(p, stream, prop->multiProcessorCount, level_order);
+    sm90::launch<T, OutT, 3, 2, 1>(p, stream, sms, level_order);
   }
   return true;
 #endif
