@@ -389,8 +389,8 @@ def test_cuda_graph_capture_no_host_sync():
 
 
 def _offset_copy(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """A contiguous copy of x whose data starts `shift` elements into its storage (so not
-    16-byte aligned for shift % (16 / itemsize) != 0)."""
+    """A contiguous copy of x whose data starts `shift` elements into its storage (shift = 1:
+    not aligned to any vector of two or more elements)."""
     buf = torch.empty(x.numel() + shift, dtype=x.dtype, device=x.device)
     out = buf[shift:].view(x.shape)
     out.copy_(x)
@@ -402,8 +402,8 @@ def _offset_copy(x: torch.Tensor, shift: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("numel", [5, 64, 64 * 37, 64 * 37 + 1, 64 * 37 + 63, (1 << 16) + 29])
 def test_cuda_sampling_vector_and_scalar_paths(dtype, numel):
-    """The CUDA sampling kernels have a 16-byte-vector path (aligned input, whole 64-element
-    blocks, the partial last block done group by group) and a scalar path (unaligned input):
+    """The CUDA sampling kernels have a vector path (aligned input, whole 64-element blocks,
+    the partial last block done group by group) and a scalar path (unaligned input):
     both must draw the same samples, bit for bit, and agree with the CPU kernels."""
     x = (2 * torch.randn(numel, dtype=torch.float64)).to(dtype)
     key = torch.tensor([987654321, 7], dtype=torch.int64)

@@ -36,20 +36,53 @@ SG_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
   lo = static_cast<uint32_t>(p);
 }
 
-SG_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+// One round with round key (k0, k1).
+SG_HD U32x4 philox_round(const U32x4& ctr, uint32_t k0, uint32_t k1) {
   constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
-  constexpr uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+  uint32_t hi0, lo0, hi1, lo1;
+  mulhilo32(M0, ctr.x, hi0, lo0);
+  mulhilo32(M1, ctr.z, hi1, lo1);
+  return U32x4{hi1 ^ ctr.y ^ k0, lo1, hi0 ^ ctr.w ^ k1, lo0};
+}
+
+SG_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
   for (int r = 0; r < 10; ++r) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(M0, ctr.x, hi0, lo0);
-    mulhilo32(M1, ctr.z, hi1, lo1);
-    ctr = U32x4{hi1 ^ ctr.y ^ k0, lo1, hi0 ^ ctr.w ^ k1, lo0};
-    k0 += W0;
-    k1 += W1;
+    ctr = philox_round(ctr, k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
+  return ctr;
+}
+
+// The ten round keys of one seed, for kernels that draw many groups with it: worked out once
+// instead of once per group.
+struct PhiloxKeys {
+  uint32_t k0[10], k1[10];
+  SG_HD explicit PhiloxKeys(uint64_t seed) {
+    uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int r = 0; r < 10; ++r, a += kPhiloxW0, b += kPhiloxW1) {
+      k0[r] = a;
+      k1[r] = b;
+    }
+  }
+};
+
+// philox_group with the round keys given: the same four words.
+SG_HD U32x4 philox_group(const PhiloxKeys& keys, uint64_t offset, uint64_t g) {
+  U32x4 ctr{static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
+            static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)};
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) ctr = philox_round(ctr, keys.k0[r], keys.k1[r]);
   return ctr;
 }
 

@@ -30,12 +30,11 @@ struct alignas(sizeof(T) * N) Vec {
 template <typename T>
 using Vec4 = Vec<T, 4>;
 
-template <typename T>
-bool aligned4(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * 4) == 0;
+// Whether p may be read and written as Vec<T, N>.
+template <int N, typename T>
+bool aligned_vec(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) == 0;
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int blocks_for(int64_t work_items) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -81,7 +80,7 @@ __device__ __forceinline__ void sample_group(const scalar_t* __restrict__ x, sca
 
 // One thread per Philox group; lane l of group g is element element_of(g, l) (philox.h), so
 // 16 neighbouring threads store 16 neighbouring elements for each lane. The path for inputs
-// that are not 16-byte aligned; sample_blocks_kernel below takes the rest.
+// that are not aligned to sample_blocks_kernel's vectors; that kernel takes the rest.
 template <typename scalar_t, typename F>
 __global__ void sample_map_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                   int64_t n, KeyArg key, F f) {
@@ -94,15 +93,18 @@ __global__ void sample_map_kernel(const scalar_t* __restrict__ x, scalar_t* __re
 }
 
 // Groups per thread in sample_blocks_kernel: lane l of kVecGroups consecutive groups of one
-// 64-element block is kVecGroups consecutive elements = one 16-byte vector.
+// 64-element block is kVecGroups consecutive elements = one vector.
+// Four for float, half and bfloat16 (8-byte vectors for the 2-byte types: run 6's 16-byte
+// version, eight groups per thread, held 80 registers and gave small tensors few threads),
+// two for double.
 template <typename scalar_t>
-constexpr int kVecGroups = 16 / static_cast<int>(sizeof(scalar_t));
+constexpr int kVecGroups = sizeof(scalar_t) <= 4 ? 4 : 2;
 
 // The aligned path. Thread item t owns groups 16 b + G q .. 16 b + G q + G - 1 of block
-// b = t / (16 / G) (q = t % (16 / G)): four 16-byte loads (one per lane), G Philox groups, four
-// 16-byte stores, so each thread keeps 4 G elements in flight and does its index arithmetic
-// once per 4 G elements (run 5: the one-group-per-thread kernel reached 28-57% of copy
-// bandwidth). The last, partial block (n % 64 elements) is done by block 0's first 16 threads,
+// b = t / (16 / G) (q = t % (16 / G)): four vector loads (one per lane), G Philox groups with
+// the round keys worked out once per thread, four vector stores, so each thread keeps 4 G
+// elements in flight and does its index arithmetic once per 4 G elements (run 5: the
+// one-group-per-thread kernel reached 28-57% of copy bandwidth). The last, partial block (n % 64 elements) is done by block 0's first 16 threads,
 // one group each, as in sample_map_kernel.
 template <typename scalar_t, typename F>
 __global__ void sample_blocks_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
@@ -110,8 +112,9 @@ __global__ void sample_blocks_kernel(const scalar_t* __restrict__ x, scalar_t* _
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int G = kVecGroups<scalar_t>;
   constexpr int kSlots = kBlockGroups / G;
-  using V = Vec<scalar_t, G>;  // 16 bytes
+  using V = Vec<scalar_t, G>;
   const auto [seed, offset] = key.values();
+  const PhiloxKeys keys(seed);
   const int64_t full_blocks = n / kBlockElems;
   const int64_t items = full_blocks * kSlots;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < items;
@@ -125,7 +128,7 @@ __global__ void sample_blocks_kernel(const scalar_t* __restrict__ x, scalar_t* _
     V out[4];
 #pragma unroll
     for (int k = 0; k < G; ++k) {
-      const U32x4 r = philox_group(seed, offset, static_cast<uint64_t>(b * kBlockGroups + q * G + k));
+      const U32x4 r = philox_group(keys, offset, static_cast<uint64_t>(b * kBlockGroups + q * G + k));
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
         out[l].v[k] = static_cast<scalar_t>(f(static_cast<acc_t>(in[l].v[k]), r, l));
@@ -229,7 +232,7 @@ at::Tensor launch_sample(const at::Tensor& input, const at::Tensor& key, const c
     const scalar_t* px = in.const_data_ptr<scalar_t>();
     scalar_t* py = out.mutable_data_ptr<scalar_t>();
     const auto f = make_f.template operator()<scalar_t>();
-    if (aligned16(px) && aligned16(py)) {
+    if (aligned_vec<kVecGroups<scalar_t>>(px) && aligned_vec<kVecGroups<scalar_t>>(py)) {
       const int64_t items = n / kBlockElems * (kBlockGroups / kVecGroups<scalar_t>);
       sample_blocks_kernel<<<blocks_for(std::max<int64_t>(items, 1)), kThreads, 0, stream>>>(
           px, py, n, k, f);
@@ -258,8 +261,8 @@ at::Tensor launch_map3(const at::Tensor& a_, const at::Tensor& b_, const at::Ten
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     const scalar_t* pc = c.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    const bool vec = aligned4(pa) && aligned4(pb) && aligned4(pc) &&
-                     aligned4(static_cast<const scalar_t*>(po));
+    const bool vec = aligned_vec<4>(pa) && aligned_vec<4>(pb) && aligned_vec<4>(pc) &&
+                     aligned_vec<4>(static_cast<const scalar_t*>(po));
     map3_kernel<<<blocks_for((n + 3) / 4), kThreads, 0, stream>>>(pa, pb, pc, po, n, vec, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -340,7 +343,7 @@ at::Tensor reinforce_cuda(const at::Tensor& logits, const at::Tensor& h, const a
   return at::zeros({}, logits.options());
 }
 
-// Four consecutive elements per thread item (16-byte loads of x and h where aligned), their
+// Four consecutive elements per thread item (vector loads of x and h where aligned), their
 // (row, unit) found by one fast division per item (index_t = uint32_t while n fits) and
 // stepped from there: run 5's one-element-per-thread kernel, with a 64-bit division and a
 // 64-bit modulo per element, moved 53-71% of copy bandwidth.
@@ -417,7 +420,7 @@ at::Tensor reinforce_backward_cuda(const at::Tensor& grad, const at::Tensor& log
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* ph = hc.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    const bool vec = aligned4(px) && aligned4(ph) && aligned4(static_cast<const scalar_t*>(po));
+    const bool vec = aligned_vec<4>(px) && aligned_vec<4>(ph) && aligned_vec<4>(static_cast<const scalar_t*>(po));
     // 32-bit indices (a multiply-high per division) while n fits, else 64-bit division.
     auto launch = [&](auto index_zero) {
       using index_t = decltype(index_zero);

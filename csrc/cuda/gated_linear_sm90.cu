@@ -12,10 +12,11 @@
 //     the 128-byte swizzle that the wgmma descriptors name: vector j of row r lives at
 //     r * 128 + 16 * (j ^ (r % 8)) in a 1024-byte-aligned tile, so that the 8 rows an
 //     ldmatrix-like tensor-core read touches fall in distinct banks;
-//   * a STAGES-deep ring: while the tensor cores work on step k, steps k+1 .. k+STAGES-2 are in
-//     flight and step k-1's wgmma may still be reading its stage (3 stages and two blocks per
-//     SM by default, 4 stages and one block on request; with LAG = 0 each step's wgmma is
-//     waited for and the loads run one step further ahead);
+//   * a STAGES-deep ring of shared-memory stages (3 stages and two blocks per SM by default,
+//     4 stages and one block on request). By default (LAG = 0) each step's wgmma is waited
+//     for before the next barrier and the loads of the next STAGES - 1 steps are in flight
+//     while the tensor cores work; with LAG = 1 the wgmma of step k-1 may still be reading
+//     its stage while step k's is queued, and loads run STAGES - 2 steps ahead;
 //   * a persistent grid: each block walks tiles t = blockIdx.x, + gridDim.x, ..., mapping t to
 //     (chunk, M tile, N tile) from the pair counts on the device (no host synchronisation),
 //     M tile by M tile across the chunks (find_tile_by_level) so that concurrent tiles share
@@ -360,14 +361,15 @@ bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaSt
   if (prop->major != 9 || prop->minor != 0) return false;
   if (p.num_groups <= 0 || p.max_m <= 0 || p.n <= 0) return true;  // nothing to compute
   // Measurement toggles (benchmarks/gpu_sm90.py): ring depth 3 (default: two blocks per SM,
-  // 97 KB of shared memory each) or 4 (one block per SM), the wgmma lag (1, default, or 0:
+  // 97 KB of shared memory each) or 4 (one block per SM), the wgmma lag (0, default, or 1:
   // see gemm_kernel), and tile order by level (default) or by group. The defaults were the
-  // fastest on an H100 (benchmarks/GPU_NOTES.md, run 5).
+  // fastest (benchmarks/GPU_NOTES.md: stages and order on an H100 in run 5, the lag on an
+  // H200 in run 6).
   const char* stages = std::getenv("STOCHGATE_SM90_STAGES");
   const char* lag = std::getenv("STOCHGATE_SM90_LAG");
   const char* order = std::getenv("STOCHGATE_SM90_ORDER");
   const bool level_order = order == nullptr || std::strcmp(order, "group") != 0;
-  const bool lag0 = lag != nullptr && std::strcmp(lag, "0") == 0;
+  const bool lag0 = lag == nullptr || std::strcmp(lag, "1") != 0;
   const int sms = prop->multiProcessorCount;
   if (stages != nullptr && std::strcmp(stages, "4") == 0) {
     if (lag0) {
