@@ -2,9 +2,10 @@
 
     python benchmarks/readme_results.py
 
-Reads benchmarks/results/cpu_*.json (from benchmarks/run_cpu.sh), gpu_h100.json (from
-benchmarks/gpu_check.sh → benchmarks/gpu_bench.py on an H100) and mnist_*.json (from
-`stochgate reproduce`), and replaces the text between the results markers in README.md.
+Reads benchmarks/results/cpu_*.json (from benchmarks/run_cpu.sh), the GPU file named in
+GPU_RESULTS (from benchmarks/gpu_check.sh → benchmarks/gpu_bench.py, the latest run on the
+current code) and mnist_*.json (from `stochgate reproduce`), and replaces the text between
+the results markers in README.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# The GPU run the README shows: run 7 of benchmarks/GPU_NOTES.md (an H200, the code as
+# committed). Earlier runs' files (gpu_h100*.json: runs 1-5 on an H100) stay for the notes.
+GPU_RESULTS = "gpu_h200.json"
 
 
 def _machine(r: dict) -> str:
@@ -164,6 +168,19 @@ def _gpu(path: Path) -> list[str]:
                 cells.append(f"{e['ms']:.3f} | {e['GBps']:.0f} | {100 * e['GBps'] / c['copy_GBps']:.0f}%")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
+    routes = info.get("sample_and_route", [])
+    if routes:
+        out.append("Sample then route, unfused (`straight_through(logits)` drawing the gates, then `gated_linear`, "
+                   "which routes on the device), against `gated_linear` given the same drawn gates, forward, "
+                   "ms eager / replayed from a CUDA graph:")
+        out.append("")
+        out.append("| density | gates given | sample then route | added |")
+        out.append("| ---: | ---: | ---: | ---: |")
+        for row in routes:
+            out.append(f"| {row['density']:g} | {row['given_drawn_gates_eager_ms']:.3f} / {row['given_drawn_gates_graph_ms']:.3f} | "
+                       f"{row['sample_then_route_eager_ms']:.3f} / {row['sample_then_route_graph_ms']:.3f} | "
+                       f"+{100 * row['overhead_vs_drawn_eager']:.1f}% / +{100 * row['overhead_vs_drawn_graph']:.1f}% |")
+        out.append("")
     block = r.get("bf16_block_train", {})
     if block.get("train_step"):
         out.extend(_train_table(block))
@@ -177,8 +194,11 @@ def _gpu(path: Path) -> list[str]:
     return out
 
 
-# Variant names of benchmarks/gpu_sm90.py; run 5 called the four-stage ring "sm90".
-_SM90_LABELS = {"sm90_s3": "wgmma, 3 stages", "sm90_s4": "wgmma, 4 stages", "sm90": "wgmma, 4 stages",
+# Variant names of benchmarks/gpu_sm90.py; run 5 called the four-stage ring "sm90". Runs 5-6
+# had no lag-0 variants: their "sm90_s3" / "sm90_s4" were the lag-1 rings, as in run 7.
+_SM90_LABELS = {"sm90_s3_lag0": "wgmma, 3 stages, lag 0 (default)", "sm90_s3": "wgmma, 3 stages, lag 1",
+                "sm90_s4": "wgmma, 4 stages, lag 1", "sm90": "wgmma, 4 stages",
+                "sm90_s4_lag0": "wgmma, 4 stages, lag 0",
                 "sm90_s4_group": "wgmma, 4 stages, chunk order", "sm90_group": "wgmma, 4 stages, chunk order",
                 "mma": "mma.sync"}
 
@@ -194,8 +214,9 @@ def _sm90(path: Path) -> list[str]:
     variants = [v for v in _SM90_LABELS if v in next(iter(by.values()))]
     out = [f"The GEMM kernels of the K-major products side by side ({sh['dtype']}, B={sh['B']}, K=N={sh['K']}, "
            f"chunk {sh['chunk']}; medians of 25, interleaved with dense in one process). Each cell: ms eager / ms replayed "
-           "from a captured CUDA graph, and the speedups over dense in the same mode. The three-stage wgmma ring is the "
-           "default on Hopper GPUs; mma.sync is the kernel of every other GPU."]
+           "from a captured CUDA graph, and the speedups over dense in the same mode. The three-stage wgmma ring with "
+           "lag 0 (each step's wgmma waited for, loads two steps ahead) is the default on Hopper GPUs; mma.sync is the "
+           "kernel of every other GPU."]
     if "sm90" in variants:
         out[0] += (" In this run the table above still used the four-stage ring, the default then; "
                    "the three-stage one became the default after it.")
@@ -213,9 +234,10 @@ def _sm90(path: Path) -> list[str]:
 
 def render() -> str:
     parts: list[str] = []
-    gpu = RESULTS / "gpu_h100.json"
+    gpu = RESULTS / GPU_RESULTS
     if gpu.exists():
-        parts.append("### Gated matmuls and estimators, GPU (H100)")
+        card = json.loads(gpu.read_text())["info"]["gpu"].replace("NVIDIA ", "")
+        parts.append(f"### Gated matmuls and estimators, GPU ({card})")
         parts.append("")
         parts.extend(_gpu(gpu))
         parts.append("")
