@@ -104,8 +104,9 @@ constexpr int kVecGroups = sizeof(scalar_t) <= 4 ? 4 : 2;
 // b = t / (16 / G) (q = t % (16 / G)): four vector loads (one per lane), G Philox groups with
 // the round keys worked out once per thread, four vector stores, so each thread keeps 4 G
 // elements in flight and does its index arithmetic once per 4 G elements (run 5: the
-// one-group-per-thread kernel reached 28-57% of copy bandwidth). The last, partial block (n % 64 elements) is done by block 0's first 16 threads,
-// one group each, as in sample_map_kernel.
+// one-group-per-thread kernel reached 28-57% of copy bandwidth). The last, partial block
+// (n % 64 elements) is done by block 0's first 16 threads, one group each, as in
+// sample_map_kernel.
 template <typename scalar_t, typename F>
 __global__ void sample_blocks_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                      int64_t n, KeyArg key, F f) {
