@@ -5,8 +5,9 @@ on awkward shapes, then timings interleaved with dense cuBLAS at the issue's sha
 The kernel is chosen per call by STOCHGATE_CUDA_GEMM (mma = the mma.sync kernel) and, for the
 Hopper kernel, STOCHGATE_SM90_STAGES (default 3 = three-stage ring, two blocks per SM; 4 = four
 stages, one block), STOCHGATE_SM90_LAG (default 0 = wait for each step's wgmma, loads one
-step further ahead; 1 = leave one step's wgmma running) and STOCHGATE_SM90_ORDER (group = tiles chunk by chunk; default M tile by
-M tile across the chunks). Writes gpu_sm90.json into the directory given as the first argument.
+step further ahead; 1 = leave one step's wgmma running) and STOCHGATE_SM90_ORDER (group =
+tiles chunk by chunk; default M tile by M tile across the chunks). Writes gpu_sm90.json into
+the directory given as the first argument.
 
     python benchmarks/gpu_sm90.py OUTDIR
 """
