@@ -324,6 +324,39 @@ def test_nan_in_skipped_chunks_does_not_leak(device, C):
     assert torch.isfinite(stochgate.gated_linear(x, w_nan, b, g_col)).all()
 
 
+# Routing (which pairs are active) takes 16 float32 gates per compare on AVX-512 CPUs and one
+# at a time otherwise (STOCHGATE_CPU_ISA=base); float16/bfloat16 gates route as float32. Both
+# ways: -0 is off, NaN and subnormal gates are on (NaN reaches its chunk's outputs), at
+# positions inside and past the last whole group of 16 chunks, in rows with 0..C active chunks.
+@pytest.mark.parametrize("isa", ["", "base"])
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("C", [37, 16, 5])
+def test_cpu_routing_special_gate_values(monkeypatch, isa, gdtype, C):
+    monkeypatch.setenv("STOCHGATE_CPU_ISA", isa)
+    B, K, N = 6, 11, 2 * C
+    x, w, b, g = _data(B, K, N, C, "cpu", torch.float32, density=0.5)
+    g[0] = 0
+    g[1] = 1
+    g[2, C - 1] = -0.0
+    g[2, 0] = float("nan")
+    g[3, C - 1] = float("nan")
+    tiny = torch.finfo(gdtype).tiny / 2  # subnormal in the gates' dtype: not zero, so on
+    g[4, C // 2] = tiny
+    g = g.to(gdtype)
+    y = stochgate.gated_linear(x, w, b, g)
+    ref = R.gated_linear(x.double(), w.double(), b.double(), g.double())
+    torch.testing.assert_close(y.double(), ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert y[2, :2].isnan().all() and y[3, -2:].isnan().all() and (y[2, -2:] == 0).all()
+    if gdtype != torch.float64:  # (a float64 subnormal gate underflows in the float32 output)
+        assert y[4, 2 * (C // 2) : 2 * (C // 2) + 2].ne(0).all()
+    h = torch.randn(B, N)
+    y2 = stochgate.gated_input_linear(h, w.t().contiguous(), None, g)
+    torch.testing.assert_close(
+        y2.double(), R.gated_input_linear(h.double(), w.t().double(), None, g.double()), equal_nan=True,
+        rtol=1e-5, atol=1e-6,
+    )
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast(device):
     dtype = torch.bfloat16

@@ -64,6 +64,54 @@ struct ChunkRouting {  // CSR by chunks: chunk c's active rows, ascending
   int64_t max_rows = 0;
 };
 
+int gg_isa();
+
+#if SG_GG_MULTI
+// route_rows for float32 gates, 16 per compare and no branch per gate (at chunk 1, B = 1024,
+// C = 2048, density 0.1 the scalar loops took about 2 ms of a 14 ms forward, 2 threads).
+// "Active" is `g != 0` exactly as in the scalar loops (NaN counts as active, -0 does not).
+SG_GG_TARGET_AVX512 int64_t count_active_avx512(const float* g, int64_t C) {
+  const __m512 z = _mm512_setzero_ps();
+  int64_t n = 0, c = 0;
+  for (; c + 16 <= C; c += 16) {
+    n += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(g + c), z, _CMP_NEQ_UQ));
+  }
+  for (; c < C; ++c) n += g[c] != 0.f;
+  return n;
+}
+SG_GG_TARGET_AVX512 void list_active_avx512(const float* g, int64_t C, int64_t* chunks,
+                                            double* gate) {
+  const __m512 z = _mm512_setzero_ps();
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t p = 0, c = 0;
+  for (; c + 16 <= C; c += 16, idx = _mm512_add_epi32(idx, step)) {
+    const __m512 v = _mm512_loadu_ps(g + c);
+    const __mmask16 m = _mm512_cmp_ps_mask(v, z, _CMP_NEQ_UQ);
+    const int k = __builtin_popcount(m);
+    const __m512i ci = _mm512_maskz_compress_epi32(m, idx);
+    const __m512d cv = _mm512_castps_pd(_mm512_maskz_compress_ps(m, v));
+    const __mmask8 lo = k >= 8 ? 0xFF : static_cast<__mmask8>((1u << k) - 1);
+    const __mmask8 hi = k > 8 ? static_cast<__mmask8>((1u << (k - 8)) - 1) : 0;
+    // Masked stores: nothing is written past the k active entries.
+    _mm512_mask_storeu_epi64(chunks + p, lo, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(ci)));
+    _mm512_mask_storeu_epi64(chunks + p + 8, hi,
+                             _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(ci, 1)));
+    _mm512_mask_storeu_pd(gate + p, lo, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_castpd512_pd256(cv))));
+    _mm512_mask_storeu_pd(gate + p + 8, hi,
+                          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(cv, 1))));
+    p += k;
+  }
+  for (; c < C; ++c) {
+    if (g[c] != 0.f) {
+      chunks[p] = c;
+      gate[p] = static_cast<double>(g[c]);
+      ++p;
+    }
+  }
+}
+#endif
+
 template <typename g_t>
 RowRouting route_rows_impl(const at::Tensor& gates) {
   const int64_t B = gates.size(0), C = gates.size(1);
@@ -71,6 +119,24 @@ RowRouting route_rows_impl(const at::Tensor& gates) {
   RowRouting r;
   r.offsets.assign(B + 1, 0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+#if SG_GG_MULTI
+  if constexpr (std::is_same_v<g_t, float>) {
+    if (gg_isa() == 2 && C < (int64_t(1) << 31)) {
+      at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) r.offsets[b + 1] = count_active_avx512(g + b * C, C);
+      });
+      for (int64_t b = 0; b < B; ++b) r.offsets[b + 1] += r.offsets[b];
+      r.chunks.resize(r.offsets[B]);
+      r.gate.resize(r.offsets[B]);
+      at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          list_active_avx512(g + b * C, C, r.chunks.data() + r.offsets[b], r.gate.data() + r.offsets[b]);
+        }
+      });
+      return r;
+    }
+  }
+#endif
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t n = 0;
@@ -99,6 +165,8 @@ RowRouting route_rows_impl(const at::Tensor& gates) {
 
 RowRouting route_rows(const at::Tensor& gates) {
   auto g = gates.contiguous();
+  // float16/bfloat16 gates route as float32 (exact: the same zero test, the same values).
+  if (g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16) g = g.to(at::kFloat);
   RowRouting r;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "route_rows", [&] {
     r = route_rows_impl<scalar_t>(g);
