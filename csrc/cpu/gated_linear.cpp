@@ -61,6 +61,7 @@ struct ChunkRouting {  // CSR by chunks: chunk c's active rows, ascending
   std::vector<int64_t> offsets;  // C + 1
   std::vector<int64_t> rows;
   std::vector<double> gate;
+  std::vector<int64_t> qof;  // pair p of the RowRouting -> its index q here
   int64_t max_rows = 0;
 };
 
@@ -174,26 +175,53 @@ RowRouting route_rows(const at::Tensor& gates) {
   return r;
 }
 
-// Counting sort of the row lists into chunk lists (rows stay ascending within a chunk).
+// Counting sort of the row lists into chunk lists (rows stay ascending within a chunk),
+// parallel over row ranges: per-range chunk counts, then each range fills its slots (ranges in
+// row order, so rows stay ascending). Serial, this took ~1 ms at chunk 1 (B = 1024, C = 2048,
+// density 0.1: 210k pairs) with the other thread idle.
 ChunkRouting route_chunks(const RowRouting& rr, int64_t C) {
   const int64_t B = static_cast<int64_t>(rr.offsets.size()) - 1;
+  const int64_t P = static_cast<int64_t>(rr.chunks.size());
   ChunkRouting cr;
   cr.offsets.assign(C + 1, 0);
-  for (int64_t c : rr.chunks) ++cr.offsets[c + 1];
-  for (int64_t c = 0; c < C; ++c) {
-    cr.max_rows = std::max(cr.max_rows, cr.offsets[c + 1]);
-    cr.offsets[c + 1] += cr.offsets[c];
-  }
-  cr.rows.resize(rr.chunks.size());
-  cr.gate.resize(rr.chunks.size());
-  std::vector<int64_t> fill(cr.offsets.begin(), cr.offsets.end() - 1);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
-      const int64_t q = fill[rr.chunks[p]]++;
-      cr.rows[q] = b;
-      cr.gate[q] = rr.gate[p];
+  cr.rows.resize(P);
+  cr.gate.resize(P);
+  cr.qof.resize(P);
+  // Row ranges: one per thread where there are at least 4 pairs per chunk for each of them
+  // (the per-range counts cost C each).
+  const int64_t nt = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), B, P / std::max<int64_t>(4 * C, 1)}));
+  const auto row0 = [&](int64_t t) { return B * t / nt; };
+  std::vector<int64_t> start(nt * C, 0);  // counts, then each range's first slot per chunk
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* cnt = start.data() + t * C;
+      for (int64_t p = rr.offsets[row0(t)]; p < rr.offsets[row0(t + 1)]; ++p) ++cnt[rr.chunks[p]];
     }
+  });
+  for (int64_t c = 0, q = 0; c < C; ++c) {
+    cr.offsets[c] = q;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t n = start[t * C + c];
+      start[t * C + c] = q;
+      q += n;
+    }
+    cr.offsets[c + 1] = q;
+    cr.max_rows = std::max(cr.max_rows, q - cr.offsets[c]);
   }
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* fill = start.data() + t * C;
+      for (int64_t b = row0(t); b < row0(t + 1); ++b) {
+        for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
+          const int64_t q = fill[rr.chunks[p]]++;
+          cr.rows[q] = b;
+          cr.gate[q] = rr.gate[p];
+          cr.qof[p] = q;
+        }
+      }
+    }
+  });
   return cr;
 }
 
@@ -645,25 +673,52 @@ void gather_rows(const T* src, int64_t K, const int64_t* rows, int64_t n, T* dst
   for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * K, src + rows[i] * K, K * sizeof(T));
 }
 
-// Packs the active pairs' chunk slices of s (B, N): out[q, j] = mult(q) * s[rows[q], c*chunk + j].
+// The active pairs' chunk slices of s (B, N), in row order: out[p, j] = g * s[b, c*chunk + j]
+// for pair p = (b, c) of rr, g its gate if `scale`, else 1. s is read row by row, front to
+// back. The row kernels take their per-unit coefficients from here: read in place, s[b, n]
+// was fetched again for every K block (16 times over all of s at K = 2048, chunk 1).
 template <typename T>
-at::Tensor pack_pairs(const at::Tensor& s, const ChunkRouting& cr, int64_t chunk, bool scale) {
-  const int64_t C = static_cast<int64_t>(cr.offsets.size()) - 1;
-  const int64_t N = s.size(1);
-  auto out = at::empty({static_cast<int64_t>(cr.rows.size()), chunk}, s.options());
+at::Tensor row_pairs(const at::Tensor& s, const RowRouting& rr, int64_t chunk, bool scale) {
+  const int64_t B = s.size(0), N = s.size(1);
+  auto out = at::empty({static_cast<int64_t>(rr.chunks.size()), chunk}, s.options());
   const T* ps = s.const_data_ptr<T>();
   T* po = out.mutable_data_ptr<T>();
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
-        const T* src = ps + cr.rows[q] * N + c * chunk;
-        T* dst = po + q * chunk;
-        const T g = scale ? static_cast<T>(cr.gate[q]) : T(1);
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
+        const T* src = ps + b * N + rr.chunks[p] * chunk;
+        T* dst = po + p * chunk;
+        const T g = scale ? static_cast<T>(rr.gate[p]) : T(1);
         for (int64_t j = 0; j < chunk; ++j) dst[j] = g * src[j];
       }
     }
   });
   return out;
+}
+
+// The same slices in chunk order (pair q of cr), from the row-order ones (out[q] = rows[p] for
+// q = cr.qof[p]): the chunk-order gather from s itself walks its columns, a new line per row.
+template <typename T>
+at::Tensor chunk_order(const at::Tensor& by_row, const ChunkRouting& cr, int64_t chunk) {
+  auto out = at::empty_like(by_row);
+  const T* src = by_row.const_data_ptr<T>();
+  T* dst = out.mutable_data_ptr<T>();
+  at::parallel_for(0, static_cast<int64_t>(cr.qof.size()), 4096, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* d = dst + cr.qof[p] * chunk;
+      const T* r = src + p * chunk;
+      for (int64_t j = 0; j < chunk; ++j) d[j] = r[j];  // (a memcpy call per 4-byte pair was 7%)
+    }
+  });
+  return out;
+}
+
+// The active pairs' chunk slices of s (B, N) in chunk order: out[q, j] = g * s[rows[q],
+// c*chunk + j] (g the gate if `scale`).
+template <typename T>
+at::Tensor pack_pairs(const at::Tensor& s, const RowRouting& rr, const ChunkRouting& cr, int64_t chunk,
+                      bool scale) {
+  return chunk_order<T>(row_pairs<T>(s, rr, chunk, scale), cr, chunk);
 }
 
 // out (B, P) = init + sum over chunks c of rows_c <- A_c (n_c, chunk) @ bop(c) (chunk, P),
@@ -1557,8 +1612,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     const T* pw = w.const_data_ptr<T>();
     const T* pdy = dy.const_data_ptr<T>();
     const T* pbias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-    // dpre of the active pairs, packed by chunk: dp[q, j] = gate * dy[row, c*chunk + j].
-    auto dp = pack_pairs<T>(dy, cr, chunk, /*scale=*/true);
+    // dpre of the active pairs, gate * dy[row, c*chunk + j]: in row order (the row kernels'
+    // coefficients) and packed by chunk (dp[q, j]).
+    const at::Tensor dpr = row_pairs<T>(dy, rr, chunk, /*scale=*/true);
+    const T* pdpr = dpr.const_data_ptr<T>();
+    auto dp = chunk_order<T>(dpr, cr, chunk);
     const T* pdp = dp.const_data_ptr<T>();
     if (need_db) {
       T* pdb = db.mutable_data_ptr<T>();
@@ -1578,9 +1636,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
       if (need_dx) {
         const at::Tensor wb = blocks ? block_major(w) : at::Tensor();
         spmm_rows_all<T>(pw, B, K, chunk, rr, nullptr, dx.mutable_data_ptr<T>(),
-                         [&](int64_t b, int64_t p, int64_t n) {
-                           return static_cast<T>(rr.gate[p]) * pdy[b * N + n];
-                         },
+                         [&](int64_t, int64_t p, int64_t n) { return pdpr[(p - rr.chunks[p]) * chunk + n]; },
                          blocks ? Blocked{wb.const_data_ptr<float>(), N} : Blocked{});
       }
       if (need_dw) {
@@ -1733,7 +1789,9 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
     if (chunk < kGemmMinChunk) {
       // y[b] = bias + sum over active units n of h[b, n] * weight[:, n]: rows of weight.T
       // (its block-major copy straight from weight where use_row_blocks).
-      const auto coef = [&](int64_t b, int64_t, int64_t n) { return ph[b * N + n]; };
+      const at::Tensor hr = row_pairs<T>(h, rr, chunk, /*scale=*/false);
+      const T* phr = hr.const_data_ptr<T>();
+      const auto coef = [&](int64_t, int64_t p, int64_t n) { return phr[(p - rr.chunks[p]) * chunk + n]; };
       if (use_row_blocks<T>(M)) {
         const at::Tensor wb = block_major_t(w);
         spmm_rows_all<T>(nullptr, B, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef,
@@ -1754,7 +1812,7 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
       // (measured, 2 threads, B = 1024, M = N = 2048, chunk 64: 9.59 -> 8.37 ms at d = 0.25,
       // 18.63 -> 14.88 at 0.5, no change at 0.1). Not needed when MKL takes every chunk.
       const bool all_dense = all_chunks_dense(dense.empty() ? nullptr : dense.data(), C);
-      const at::Tensor hp = all_dense ? at::Tensor() : pack_pairs<float>(h, cr, chunk, /*scale=*/false);
+      const at::Tensor hp = all_dense ? at::Tensor() : pack_pairs<float>(h, rr, cr, chunk, /*scale=*/false);
       ScatterArgs args{all_dense ? nullptr : hp.const_data_ptr<float>(), chunk, true, w.const_data_ptr<float>(), N,
                        true, fp(pb), y.mutable_data_ptr<float>(), B, M, chunk, C, block, &cr};
       args.skip = dense.empty() ? nullptr : dense.data();
@@ -1768,7 +1826,7 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
       });
       return;
     }
-    auto hp = pack_pairs<T>(h, cr, chunk, /*scale=*/false);
+    auto hp = pack_pairs<T>(h, rr, cr, chunk, /*scale=*/false);
     scatter_add_gemm<T>(hp, cr, B, M, pb, y,
                         [&](int64_t c) { return w.narrow(1, c * chunk, chunk).t(); });
   });
@@ -1820,7 +1878,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
       if (need_dw) {
         // h of the active pairs, packed by chunk: read once per K block and unit (a gather of
         // h[row, n] down a column touches a new line of h for every row).
-        const at::Tensor hp = pack_pairs<T>(h, cr, chunk, /*scale=*/false);
+        const at::Tensor hp = pack_pairs<T>(h, rr, cr, chunk, /*scale=*/false);
         const T* php = hp.const_data_ptr<T>();
         const auto coef = [&](int64_t q, int64_t n) { return php[q * chunk + n % chunk]; };
         // Block-major dy, written straight into dW2 (M, N) without a transposed copy, and h
@@ -1875,7 +1933,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
       });
       return;
     }
-    auto hp = pack_pairs<T>(h, cr, chunk, /*scale=*/false);
+    auto hp = pack_pairs<T>(h, rr, cr, chunk, /*scale=*/false);
     T* pdh = need_dh ? dh.mutable_data_ptr<T>() : nullptr;
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       auto gg = at::empty({std::max<int64_t>(cr.max_rows, 1), M}, h.options());
