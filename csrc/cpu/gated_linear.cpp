@@ -714,11 +714,29 @@ at::Tensor chunk_order(const at::Tensor& by_row, const ChunkRouting& cr, int64_t
 }
 
 // The active pairs' chunk slices of s (B, N) in chunk order: out[q, j] = g * s[rows[q],
-// c*chunk + j] (g the gate if `scale`).
+// c*chunk + j] (g the gate if `scale`). Narrow chunks go through the row order (a gather down
+// s's columns would touch a new line for every few floats); wide ones are gathered directly,
+// each slice a contiguous run of s.
 template <typename T>
 at::Tensor pack_pairs(const at::Tensor& s, const RowRouting& rr, const ChunkRouting& cr, int64_t chunk,
                       bool scale) {
-  return chunk_order<T>(row_pairs<T>(s, rr, chunk, scale), cr, chunk);
+  if (chunk < kGemmMinChunk) return chunk_order<T>(row_pairs<T>(s, rr, chunk, scale), cr, chunk);
+  const int64_t C = static_cast<int64_t>(cr.offsets.size()) - 1;
+  const int64_t N = s.size(1);
+  auto out = at::empty({static_cast<int64_t>(cr.rows.size()), chunk}, s.options());
+  const T* ps = s.const_data_ptr<T>();
+  T* po = out.mutable_data_ptr<T>();
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
+        const T* src = ps + cr.rows[q] * N + c * chunk;
+        T* dst = po + q * chunk;
+        const T g = scale ? static_cast<T>(cr.gate[q]) : T(1);
+        for (int64_t j = 0; j < chunk; ++j) dst[j] = g * src[j];
+      }
+    }
+  });
+  return out;
 }
 
 // out (B, P) = init + sum over chunks c of rows_c <- A_c (n_c, chunk) @ bop(c) (chunk, P),
@@ -1612,11 +1630,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     const T* pw = w.const_data_ptr<T>();
     const T* pdy = dy.const_data_ptr<T>();
     const T* pbias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-    // dpre of the active pairs, gate * dy[row, c*chunk + j]: in row order (the row kernels'
-    // coefficients) and packed by chunk (dp[q, j]).
-    const at::Tensor dpr = row_pairs<T>(dy, rr, chunk, /*scale=*/true);
-    const T* pdpr = dpr.const_data_ptr<T>();
-    auto dp = chunk_order<T>(dpr, cr, chunk);
+    // dpre of the active pairs, gate * dy[row, c*chunk + j], packed by chunk (dp[q, j]) and,
+    // for the row kernels' coefficients, in row order (dpr[p, j]).
+    const at::Tensor dpr = chunk < kGemmMinChunk ? row_pairs<T>(dy, rr, chunk, /*scale=*/true) : at::Tensor();
+    const T* pdpr = dpr.defined() ? dpr.const_data_ptr<T>() : nullptr;
+    const at::Tensor dp = dpr.defined() ? chunk_order<T>(dpr, cr, chunk) : pack_pairs<T>(dy, rr, cr, chunk, true);
     const T* pdp = dp.const_data_ptr<T>();
     if (need_db) {
       T* pdb = db.mutable_data_ptr<T>();
