@@ -357,6 +357,78 @@ def test_cpu_routing_special_gate_values(monkeypatch, isa, gdtype, C):
     )
 
 
+class _NoSparseOps:
+    """Stands in for the compiled ops: fails if a sparse kernel is called."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"sparse op {name} called")
+
+
+# density_threshold: above it the layers run one dense product (stochgate.gated's own autograd
+# function), below or at it the sparse op. The dense path must give the sparse op's values and
+# every gradient, gate_grad "full" and "active" included; checked by running the sparse op
+# first, then the dense path with the compiled ops replaced by a stand-in that fails if called.
+@pytest.mark.parametrize("C", [1, 4, 16])
+@pytest.mark.parametrize("gate_grad", ["full", "active"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_density_threshold_dense_path(monkeypatch, C, gate_grad, dtype):
+    B, K, N = 9, 13, 32
+    x, w, b, g = _data(B, K, N, C, "cpu", dtype, density=0.6)
+    count = int((g != 0).sum())
+    frac = count / g.numel()
+    assert 0.2 < frac < 0.95
+    dy = torch.randn(B, N, dtype=dtype, generator=torch.Generator().manual_seed(7))
+    sparse = _run(stochgate.gated_linear, [x, w, b, g], dy, gate_grad=gate_grad)
+    h = torch.randn(B, N, dtype=dtype)
+    w2 = torch.randn(5, N, dtype=dtype)
+    b2 = torch.randn(5, dtype=dtype)
+    dy2 = torch.randn(B, 5, dtype=dtype)
+    sparse2 = _run(stochgate.gated_input_linear, [h, w2, b2, g], dy2, grads=(1, 1, 1, 0))
+    monkeypatch.setattr(stochgate.gated, "ops", _NoSparseOps())
+    dense = _run(stochgate.gated_linear, [x, w, b, g], dy, gate_grad=gate_grad, density_threshold=frac - 0.1)
+    dense2 = _run(
+        stochgate.gated_input_linear, [h, w2, b2, g], dy2, grads=(1, 1, 1, 0), density_threshold=frac - 0.1
+    )
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for name, d_, s_ in zip(["y", "dx", "dweight", "dbias", "dgates"], dense, sparse):
+        torch.testing.assert_close(d_, s_, **tol, msg=name)
+    for name, d_, s_ in zip(["y", "dh", "dweight", "dbias"], dense2, sparse2):
+        torch.testing.assert_close(d_, s_, **tol, msg=name)
+    assert (dense[0][(g == 0).repeat_interleave(N // C, 1)] == 0).all()
+    if gate_grad == "active":
+        assert (dense[4][g == 0] == 0).all()
+    # Below the threshold the sparse op runs: here it fails.
+    for fn, args in ((stochgate.gated_linear, (x, w, b, g)), (stochgate.gated_input_linear, (h, w2, b2, g))):
+        with pytest.raises(AssertionError, match="sparse op"):
+            fn(*args, density_threshold=(count + 0.5) / g.numel())
+    # The modules pass it on.
+    layer = stochgate.nn.GatedLinear(K, N, C, density_threshold=0.0).to(dtype)
+    assert layer(x, g).shape == (B, N)
+    layer2 = stochgate.nn.GatedInputLinear(N, 5, C, density_threshold=0.0).to(dtype)
+    assert layer2(h, g).shape == (B, 5)
+
+
+def test_density_threshold_dense_path_no_leak_and_bad_values():
+    N, C = 32, 4
+    x, w, b, g = _data(6, 9, N, C, "cpu", torch.float32, density=0.7)
+    g[:, 0] = 0
+    w_nan = w.clone()
+    w_nan[: N // C] = float("nan")  # weight rows of a chunk that is off in every row
+    y = stochgate.gated_linear(x, w_nan, b, g, density_threshold=0.0)
+    assert torch.isfinite(y).all() and (y[:, : N // C] == 0).all()
+    h = torch.randn(6, N).masked_fill((g == 0).repeat_interleave(N // C, 1), float("inf"))
+    assert torch.isfinite(stochgate.gated_input_linear(h, torch.randn(5, N), None, g, density_threshold=0.0)).all()
+    # B = 0: nothing to count; the op's empty result.
+    assert stochgate.gated_linear(x[:0], w, b, g[:0], density_threshold=0.0).shape == (0, N)
+    for bad in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="density_threshold"):
+            stochgate.gated_linear(x, w, b, g, density_threshold=bad)
+        with pytest.raises(ValueError, match="density_threshold"):
+            stochgate.gated_input_linear(h, torch.randn(5, N), None, g, density_threshold=bad)
+        with pytest.raises(ValueError, match="density_threshold"):
+            stochgate.nn.GatedLinear(9, N, C, density_threshold=bad)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast(device):
     dtype = torch.bfloat16

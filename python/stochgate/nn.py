@@ -11,7 +11,7 @@ from torch import nn
 
 from . import estimators
 from .baselines import MinVarianceBaseline
-from .gated import gated_input_linear, gated_linear
+from .gated import _check_threshold, gated_input_linear, gated_linear
 
 Estimator = Literal["st", "st_sigmoid", "sts", "noisy_rectifier", "reinforce"]
 _ESTIMATORS = ("st", "st_sigmoid", "sts", "noisy_rectifier", "reinforce")
@@ -137,33 +137,39 @@ class GatedLinear(_GatedBase):
     """``nn.Linear`` whose ``out_features`` are split into ``num_chunks`` chunks switched on and
     off per example by ``gates (B, num_chunks)``: :func:`stochgate.gated_linear`. Gated-off
     chunks output exactly 0 and cost nothing. ``gate_grad`` (``None``, ``"full"``, ``"active"``)
-    is passed on: see :func:`stochgate.gated_linear`.
+    and ``density_threshold`` (``None``: off) are passed on: see :func:`stochgate.gated_linear`.
 
     >>> layer = GatedLinear(784, 2000, num_chunks=2000)
     >>> y = layer(x, gates)          # x (B, 784), gates (B, 2000)
     """
 
     def __init__(self, in_features: int, out_features: int, num_chunks: int, bias: bool = True,
-                 *, gate_grad: Literal["full", "active"] | None = None, device=None,
-                 dtype=None) -> None:
+                 *, gate_grad: Literal["full", "active"] | None = None,
+                 density_threshold: float | None = None, device=None, dtype=None) -> None:
         if gate_grad not in (None, "full", "active"):
             raise ValueError(f"gate_grad must be None, 'full' or 'active', got {gate_grad!r}")
+        _check_threshold("GatedLinear", density_threshold)
         super().__init__(in_features, out_features, num_chunks, out_features, bias, device, dtype)
         self.gate_grad = gate_grad
+        self.density_threshold = density_threshold
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        return gated_linear(x, self.weight, self.bias, gates, gate_grad=self.gate_grad)
+        return gated_linear(x, self.weight, self.bias, gates, gate_grad=self.gate_grad,
+                            density_threshold=self.density_threshold)
 
 
 class GatedInputLinear(_GatedBase):
     """``nn.Linear`` whose ``in_features`` are split into ``num_chunks`` chunks; per example only
     the chunks with a nonzero gate are read: :func:`stochgate.gated_input_linear`. The layer
-    after a :class:`GatedLinear` with the same gates.
+    after a :class:`GatedLinear` with the same gates. ``density_threshold`` (``None``: off) is
+    passed on: see :func:`stochgate.gated_input_linear`.
     """
 
     def __init__(self, in_features: int, out_features: int, num_chunks: int, bias: bool = True,
-                 *, device=None, dtype=None) -> None:
+                 *, density_threshold: float | None = None, device=None, dtype=None) -> None:
+        _check_threshold("GatedInputLinear", density_threshold)
         super().__init__(in_features, out_features, num_chunks, in_features, bias, device, dtype)
+        self.density_threshold = density_threshold
 
     def forward(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        return gated_input_linear(h, self.weight, self.bias, gates)
+        return gated_input_linear(h, self.weight, self.bias, gates, density_threshold=self.density_threshold)
