@@ -92,44 +92,92 @@ def _check_threshold(op: str, density_threshold: float | None) -> None:
         raise ValueError(f"{op}: density_threshold must be None or a number in [0, 1], got {density_threshold!r}")
 
 
-def _dense_wins(gates: torch.Tensor, density_threshold: float | None) -> bool:
-    """Whether more than ``density_threshold`` of the gates are nonzero (the count is read on
-    the host: on CUDA, one synchronisation)."""
+def _dense_mask(gates: torch.Tensor, density_threshold: float | None) -> torch.Tensor | None:
+    """``gates != 0`` when more than ``density_threshold`` of the gates are nonzero, else None
+    (the count is read on the host: on CUDA, one synchronisation)."""
     if density_threshold is None or gates.numel() == 0:
-        return False
-    return int(torch.count_nonzero(gates)) > density_threshold * gates.numel()
+        return None
+    on = gates != 0
+    return on if int(on.sum()) > density_threshold * gates.numel() else None
+
+
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _by_chunk(t: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B, C, chunk) view, or t itself at chunk 1 (broadcasting against a (B, C, 1)
+    operand runs element by element there)."""
+    b, c = gates.shape
+    return t if t.shape[1] == c else t.reshape(b, c, -1)
+
+
+def _per_chunk(v: torch.Tensor, t3: torch.Tensor) -> torch.Tensor:
+    """(B, C) -> a shape that broadcasts against _by_chunk's result."""
+    return v if t3.dim() == 2 else v.unsqueeze(-1)
+
+
+def _keep_on(t: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """t (B, N) with the entries of gated-off chunks set to exact zeros: NaN/Inf there do not
+    survive. At chunk 1 by a bitwise AND with an all-ones / all-zeros mask: ``torch.where``
+    with a random mask takes a branch per element (7 ms against 3 for 1024 x 2048 here)."""
+    t3 = _by_chunk(t, on)
+    if t3.dim() == 2:
+        it = _SAME_SIZE_INT[t.element_size()]
+        return (t.contiguous().view(it) & on.to(it).neg_()).view(t.dtype)
+    return torch.where(on.unsqueeze(-1), t3, 0).view(t.shape)
+
+
+def _gated(t: torch.Tensor, gates: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """gates[b, c] * t[b, chunk c], exact zeros in the gated-off chunks."""
+    t3 = _by_chunk(t, gates)
+    return _keep_on((_per_chunk(gates.to(t.dtype), t3) * t3).view(t.shape), on)
 
 
 class _DenseGatedLinear(torch.autograd.Function):
     """:func:`gated_linear` through one dense product (``density_threshold``): every output
-    computed, the gated-off ones replaced by exact zeros; the same gradients as the sparse op,
+    computed, the gated-off ones set to exact zeros; the same gradients as the sparse op,
     ``gate_grad`` included."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gates, full):
-        chunk = weight.shape[0] // gates.shape[1]
+    def forward(ctx, x, weight, bias, gates, on, full):
         pre = F.linear(x, weight, bias)
-        mask = (gates != 0).repeat_interleave(chunk, dim=1)
-        g = gates.to(pre.dtype).repeat_interleave(chunk, dim=1)
         ctx.full = full
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, gates, pre if ctx.needs_input_grad[3] else None)
-        return torch.where(mask, g * pre, 0)
+        ctx.save_for_backward(x, weight, gates, on, pre if ctx.needs_input_grad[3] else None)
+        return _gated(pre, gates, on)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, gates, pre = ctx.saved_tensors
-        n, c = weight.shape[0], gates.shape[1]
-        mask = (gates != 0).repeat_interleave(n // c, dim=1)
-        dpre = torch.where(mask, gates.to(dy.dtype).repeat_interleave(n // c, dim=1) * dy, 0)
+        x, weight, gates, on, pre = ctx.saved_tensors
+        dpre = _gated(dy.contiguous(), gates, on)
         dx = dpre @ weight if ctx.needs_input_grad[0] else None
         dweight = dpre.t() @ x if ctx.needs_input_grad[1] else None
         dbias = dpre.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         dgates = None
         if ctx.needs_input_grad[3]:
-            prod = dy * pre if ctx.full else torch.where(mask, dy * pre, 0)
-            dgates = prod.reshape(dy.shape[0], c, n // c).sum(-1).to(gates.dtype)
-        return dx, dweight, dbias, dgates, None
+            prod = dy * pre if ctx.full else _keep_on(dy * pre, on)
+            dgates = prod.reshape(gates.shape[0], gates.shape[1], -1).sum(-1).to(gates.dtype)
+        return dx, dweight, dbias, dgates, None, None
+
+
+class _DenseGatedInputLinear(torch.autograd.Function):
+    """:func:`gated_input_linear` through one dense product (``density_threshold``): ``h`` with
+    its gated-off entries set to zeros (so they still cannot leak), the same gradients."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, on):
+        h_on = _keep_on(h, on)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(h_on, weight, on)
+        return F.linear(h_on, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h_on, weight, on = ctx.saved_tensors
+        dh = _keep_on(dy @ weight, on) if ctx.needs_input_grad[0] else None
+        dweight = dy.t() @ h_on if ctx.needs_input_grad[1] else None
+        dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dh, dweight, dbias, None
 
 
 def gated_linear(
@@ -188,8 +236,9 @@ def gated_linear(
     x, weight, bias = _autocast(x, weight, bias)
     _check(op, "x", x, weight, bias, gates, weight.shape[0] if weight.dim() == 2 else 0, "output")
     full = gate_grad != "active"
-    if _dense_wins(gates, density_threshold):
-        return _DenseGatedLinear.apply(x, weight, bias, gates, full)
+    on = _dense_mask(gates, density_threshold)
+    if on is not None:
+        return _DenseGatedLinear.apply(x, weight, bias, gates, on, full)
     return ops.gated_linear(x, weight, bias, gates, full)
 
 
@@ -227,7 +276,7 @@ def gated_input_linear(
     _check_threshold(op, density_threshold)
     h, weight, bias = _autocast(h, weight, bias)
     _check(op, "h", h, weight, bias, gates, weight.shape[1] if weight.dim() == 2 else 0, "input")
-    if _dense_wins(gates, density_threshold):
-        mask = (gates != 0).repeat_interleave(weight.shape[1] // gates.shape[1], dim=1)
-        return F.linear(torch.where(mask, h, 0), weight, bias)
+    on = _dense_mask(gates, density_threshold)
+    if on is not None:
+        return _DenseGatedInputLinear.apply(h, weight, bias, on)
     return ops.gated_input_linear(h, weight, bias, gates)
