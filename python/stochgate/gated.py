@@ -10,9 +10,8 @@ A pair of layers ``gated_input_linear(gated_linear(x, W1, b1, g), W2, b2, g)`` c
 
 from __future__ import annotations
 
-from typing import Literal
-
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +88,9 @@ def _check_threshold(op: str, density_threshold: float | None) -> None:
         return
     ok = isinstance(density_threshold, (int, float)) and not isinstance(density_threshold, bool)
     if not ok or math.isnan(density_threshold) or not 0.0 <= density_threshold <= 1.0:
-        raise ValueError(f"{op}: density_threshold must be None or a number in [0, 1], got {density_threshold!r}")
+        raise ValueError(
+            f"{op}: density_threshold must be None or a number in [0, 1], got {density_threshold!r}"
+        )
 
 
 def _dense_mask(gates: torch.Tensor, density_threshold: float | None) -> torch.Tensor | None:

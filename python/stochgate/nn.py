@@ -172,4 +172,5 @@ class GatedInputLinear(_GatedBase):
         self.density_threshold = density_threshold
 
     def forward(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        return gated_input_linear(h, self.weight, self.bias, gates, density_threshold=self.density_threshold)
+        return gated_input_linear(h, self.weight, self.bias, gates,
+                                  density_threshold=self.density_threshold)
