@@ -169,7 +169,7 @@ RowRouting route_rows(const at::Tensor& gates) {
   // float16/bfloat16 gates route as float32 (exact: the same zero test, the same values).
   if (g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16) g = g.to(at::kFloat);
   RowRouting r;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "route_rows", [&] {
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "route_rows", [&] {
     r = route_rows_impl<scalar_t>(g);
   });
   return r;
@@ -673,6 +673,12 @@ void gather_rows(const T* src, int64_t K, const int64_t* rows, int64_t n, T* dst
   for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * K, src + rows[i] * K, K * sizeof(T));
 }
 
+// dst[0..n) = g * src[0..n): one pair's chunk slice, packed (row_pairs, pack_pairs).
+template <typename T>
+inline void scaled_slice(T* dst, const T* src, int64_t n, T g) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = g * src[j];
+}
+
 // The active pairs' chunk slices of s (B, N), in row order: out[p, j] = g * s[b, c*chunk + j]
 // for pair p = (b, c) of rr, g its gate if `scale`, else 1. s is read row by row, front to
 // back. The row kernels take their per-unit coefficients from here: read in place, s[b, n]
@@ -686,10 +692,8 @@ at::Tensor row_pairs(const at::Tensor& s, const RowRouting& rr, int64_t chunk, b
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
-        const T* src = ps + b * N + rr.chunks[p] * chunk;
-        T* dst = po + p * chunk;
-        const T g = scale ? static_cast<T>(rr.gate[p]) : T(1);
-        for (int64_t j = 0; j < chunk; ++j) dst[j] = g * src[j];
+        scaled_slice(po + p * chunk, ps + b * N + rr.chunks[p] * chunk, chunk,
+                     scale ? static_cast<T>(rr.gate[p]) : T(1));
       }
     }
   });
@@ -729,10 +733,8 @@ at::Tensor pack_pairs(const at::Tensor& s, const RowRouting& rr, const ChunkRout
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
-        const T* src = ps + cr.rows[q] * N + c * chunk;
-        T* dst = po + q * chunk;
-        const T g = scale ? static_cast<T>(cr.gate[q]) : T(1);
-        for (int64_t j = 0; j < chunk; ++j) dst[j] = g * src[j];
+        scaled_slice(po + q * chunk, ps + cr.rows[q] * N + c * chunk, chunk,
+                     scale ? static_cast<T>(cr.gate[q]) : T(1));
       }
     }
   });
