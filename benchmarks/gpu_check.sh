@@ -105,7 +105,7 @@ if ! skip sanitizer; then
   step "compute-sanitizer (memcheck, racecheck) on a short subset"
   # No caching allocator under memcheck: every tensor is its own allocation, so a read past
   # its end is caught instead of landing in a neighbour of the same pool block.
-  BASE="test_cuda_sampling_vector_and_scalar_paths or test_cuda_reinforce_backward or test_cpu_and_cuda_agree or test_many_routing_tiles or test_non_contiguous_inputs or test_cpu_and_cuda_draw or (bfloat16 and (130 or 300) and (test_gated_linear_forward or test_gated_input_linear_forward_backward)) or (test_gated_linear_backward and bias-full and 130 and bfloat16)"
+  BASE="(test_row_reduce_atomic_and_deterministic and (130x300 or 517x257)) or test_cuda_sampling_vector_and_scalar_paths or test_cuda_reinforce_backward or test_cpu_and_cuda_agree or test_many_routing_tiles or test_non_contiguous_inputs or test_cpu_and_cuda_draw or (bfloat16 and (130 or 300) and (test_gated_linear_forward or test_gated_input_linear_forward_backward)) or (test_gated_linear_backward and bias-full and 130 and bfloat16)"
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     # Racecheck over the Hopper kernel's larger shapes did not finish in 150 s (run 4 of
     # GPU_NOTES.md): it gets the kernel's two smallest shapes only.

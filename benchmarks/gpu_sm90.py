@@ -6,8 +6,10 @@ The kernel is chosen per call by STOCHGATE_CUDA_GEMM (mma = the mma.sync kernel)
 Hopper kernel, STOCHGATE_SM90_STAGES (default 3 = three-stage ring, two blocks per SM; 4 = four
 stages, one block), STOCHGATE_SM90_LAG (default 0 = wait for each step's wgmma, loads one
 step further ahead; 1 = leave one step's wgmma running) and STOCHGATE_SM90_ORDER (group =
-tiles chunk by chunk; default M tile by M tile across the chunks). Writes gpu_sm90.json into
-the directory given as the first argument.
+tiles chunk by chunk; default M tile by M tile across the chunks); the row reductions'
+cross-chunk sum by STOCHGATE_CUDA_REDUCE (atomic, default, or partials) and
+STOCHGATE_CUDA_REDUCE_BYTES (the atomic accumulator's budget). Writes gpu_sm90.json into the
+directory given as the first argument.
 
     python benchmarks/gpu_sm90.py OUTDIR
 """
@@ -29,16 +31,17 @@ from stochgate import bench, reference
 
 B, K, N, CHUNK = 16384, 4096, 4096, 128
 # Run 5 (benchmarks/GPU_NOTES.md) named the four-stage ring "sm90" and the three-stage one
-# "sm90_s3"; the three-stage ring is the default since. Run 6 dropped run 5's chunk-order
-# variant (slower at every density) and added the lag-0 rings (STOCHGATE_SM90_LAG=0: each
-# step's wgmma waited for, loads one step further ahead); the three-stage lag-0 ring was the
-# fastest and is the default since. Run 7 dropped the four-stage lag-0 ring (slowest).
-_LAG1 = {"STOCHGATE_CUDA_GEMM": "auto", "STOCHGATE_SM90_STAGES": "3", "STOCHGATE_SM90_ORDER": "level",
-         "STOCHGATE_SM90_LAG": "1"}
-VARIANTS = {"sm90_s3": _LAG1,
-            "sm90_s3_lag0": {**_LAG1, "STOCHGATE_SM90_LAG": "0"},
-            "sm90_s4": {**_LAG1, "STOCHGATE_SM90_STAGES": "4"},
-            "mma": {**_LAG1, "STOCHGATE_CUDA_GEMM": "mma"}}
+# "sm90_s3"; the three-stage ring is the default since. Run 6 added the lag-0 rings, the
+# default since run 7. Run 8 timed the row reductions' cross-chunk sum (gated_input_linear,
+# gated_linear's dx) by fp32 atomics into accumulators of 16 MiB, 64 MiB and all columns, and
+# with the mma.sync kernel, against run 7's per-pair partials summed in chunk order (what
+# torch.use_deterministic_algorithms selects); all columns at once was the fastest and is the
+# default since (STOCHGATE_CUDA_REDUCE_BYTES unset: up to 512 MiB).
+_BASE = {"STOCHGATE_CUDA_GEMM": "auto", "STOCHGATE_SM90_STAGES": "3", "STOCHGATE_SM90_ORDER": "level",
+         "STOCHGATE_SM90_LAG": "0", "STOCHGATE_CUDA_REDUCE": "atomic", "STOCHGATE_CUDA_REDUCE_BYTES": ""}
+VARIANTS = {"partials": {**_BASE, "STOCHGATE_CUDA_REDUCE": "partials"},
+            "atomic": _BASE,
+            "atomic16M": {**_BASE, "STOCHGATE_CUDA_REDUCE_BYTES": str(16 << 20)}}
 
 
 def use(variant: str) -> None:
@@ -112,13 +115,25 @@ def graph_of(fn):
 
 
 def timings(repeats: int = 25) -> list[dict]:
+    """Forward of both ops, and gated_linear's backward op (dx, dweight, dbias; gates need no
+    gradient: the training step's backward) against cuBLAS doing the same three products."""
     rows = []
-    for op in ("gated_linear", "gated_input_linear"):
+    for op in ("gated_linear", "gated_input_linear", "gated_linear_backward"):
         for density in (0.1, 0.25, 0.5, 1.0):
-            inputs, _ = bench.make_inputs(op, B, K, N, CHUNK, density, torch.bfloat16, "cuda")
+            fwd_op = "gated_input_linear" if op == "gated_input_linear" else "gated_linear"
+            inputs, _ = bench.make_inputs(fwd_op, B, K, N, CHUNK, density, torch.bfloat16, "cuda")
             a, w, bias, gates = inputs
-            fn = stochgate.gated_linear if op == "gated_linear" else stochgate.gated_input_linear
-            runs = {"dense": lambda: F.linear(a, w, bias)}
+            if op == "gated_linear_backward":
+                dy = torch.randn(B, N, device="cuda", dtype=torch.bfloat16)
+                mask = [True, True, True, False]
+
+                def fn(a, w, bias, gates, dy=dy, mask=mask):
+                    return torch.ops.stochgate.gated_linear_backward(dy, a, w, bias, gates, mask, False)
+
+                runs = {"dense": lambda dy=dy: (dy @ w, dy.t() @ a, dy.sum(0))}
+            else:
+                fn = stochgate.gated_linear if op == "gated_linear" else stochgate.gated_input_linear
+                runs = {"dense": lambda: F.linear(a, w, bias)}
             graphs = {"dense": graph_of(runs["dense"])}
             for variant in VARIANTS:
                 use(variant)
@@ -149,12 +164,12 @@ def main() -> int:
             print("NOT EXACT ZEROS in gated-off chunks:", r)
     print(f"correctness ({time.time() - t0:.0f} s): worst relative error vs float64 per variant")
     for (v, dt, key), e in sorted(worst.items()):
-        print(f"  {v:<8} {dt:<9} {key:<20} {e:.2e}")
+        print(f"  {v:<10} {dt:<9} {key:<20} {e:.2e}")
     bad = [r for r in res["correctness"] if max(r["gated_linear"], r["dx"], r["gated_input_linear"]) > 2e-2]
     for r in bad:
         print("  TOO LARGE:", r)
     (outdir / "gpu_sm90.json").write_text(json.dumps(res, indent=1))
-    use("sm90_s3_lag0")
+    use("atomic")
     res["timings"] = timings()
     (outdir / "gpu_sm90.json").write_text(json.dumps(res, indent=1))
     print(f"\ntimings ({time.time() - t0:.0f} s), bf16 B={B} K=N={K} chunk {CHUNK}: median ms eager / graph replay, "
@@ -168,7 +183,7 @@ def main() -> int:
         for v in VARIANTS:
             cells.append(f"{v} {vs[v]['eager_ms']:.3f}/{vs[v]['graph_ms']:.3f} "
                          f"({dense['eager_ms'] / vs[v]['eager_ms']:.2f}x/{dense['graph_ms'] / vs[v]['graph_ms']:.2f}x)")
-        print(f"{op:<19} d={d:<4} " + " | ".join(cells))
+        print(f"{op:<21} d={d:<4} " + " | ".join(cells))
     return 1 if bad else 0
 
 

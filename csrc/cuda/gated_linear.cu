@@ -16,11 +16,14 @@
 // Compute: the grouped gathered GEMM of gated_linear.cuh, one group per chunk.
 //   gated_linear        y[rows_c, chunk c] = g * (x[rows_c] @ W[chunk c].T + b[chunk c]),
 //                       off chunks written as zeros by zero_inactive_kernel.
-//   gated_input_linear  per chunk a (pairs, M) fp32 partial = h[rows_c, chunk c] @ W[:, c].T,
-//                       then y[b] = bias + the partials of b's active chunks summed in chunk
-//                       order (deterministic). The partial buffer is bounded by slicing the M
-//                       outputs; for small chunks (or when even one slice would be too big)
-//                       a per-row kernel loops over the row's active chunks instead.
+//   gated_input_linear  per chunk the product h[rows_c, chunk c] @ W[:, c].T, added by fp32
+//                       atomics into an accumulator (B, M) (or slices of M), then
+//                       y = bias + accumulator (row_reduce(); the order of the additions
+//                       varies). Deterministic mode (torch.use_deterministic_algorithms):
+//                       per chunk a (pairs, M) fp32 partial, then y[b] = bias + the partials
+//                       of b's active chunks summed in chunk order. Both bound their buffers
+//                       by slicing the M outputs; for small chunks (or when even one slice
+//                       would be too big) a per-row kernel loops over the row's active chunks.
 //   backward            dpre = g * dy on active pairs; dx like gated_input_linear with W;
 //                       dW[chunk c] = dpre[rows_c, c].T @ x[rows_c] (K of the GEMM = the
 //                       chunk's rows, gathered); dbias per unit in row order; dgates by a
@@ -30,7 +33,7 @@
 // Status: tested on an H100 (benchmarks/GPU_NOTES.md: correct, memcheck clean). On Hopper the
 // K-major products (gated_linear's forward, gated_input_linear's partials) run the wgmma
 // kernel of gated_linear_sm90.cu (38-53% of cuBLAS), the others the mma.sync kernel (~23%);
-// the row reductions are bound by the partial-sum traffic.
+// the row reductions were bound by the partial-sum traffic before the atomic accumulator.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -42,6 +45,8 @@
 #include <array>
 #include <initializer_list>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include "../common/checks.h"
@@ -73,7 +78,7 @@ constexpr int kScanThreads = 1024;
 // Chunks narrower than this take the per-row path in the row reductions (gated_input_linear
 // forward, dx): a 128-wide tensor-core tile would be mostly padding.
 constexpr int64_t kMinGroupedChunk = 16;
-// Upper bound of the fp32 partial-sum buffer of the row reductions.
+// Upper bound of the fp32 buffer of the row reductions (partials, or the atomic accumulator).
 constexpr int64_t kPartialBudgetBytes = int64_t{512} << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -557,6 +562,80 @@ GroupedGemmParams<T, OutT, acc_of<T>> routed_params(const Routing& r) {
   return p;
 }
 
+// The atomic row reduction's last step for one slice of columns: out[b, o] = bias[o] +
+// acc[b, o], and acc zeroed again when `clear` (the next slice adds into it). Each thread owns
+// 4 consecutive columns of one row: one 16-byte load (and store) of acc and one store of the
+// 4 outputs when they are whole vectors (`vec_out`: out and ldo aligned to 4 elements).
+template <typename T>
+__global__ void finish_sum_kernel(float* __restrict__ acc, int64_t lda, int64_t width, int64_t B,
+                                  const T* __restrict__ bias, T* __restrict__ out, int64_t ldo,
+                                  bool clear, bool vec_out) {
+  const int64_t quads = (width + 3) / 4;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * quads) return;
+  const int64_t b = i / quads, o = (i % quads) * 4;
+  float* src = acc + b * lda + o;
+  const bool whole = o + 4 <= width;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  if (whole && lda % 4 == 0) {
+    const float4 q = *reinterpret_cast<const float4*>(src);
+    v[0] = q.x;
+    v[1] = q.y;
+    v[2] = q.z;
+    v[3] = q.w;
+    if (clear) *reinterpret_cast<float4*>(src) = make_float4(0.f, 0.f, 0.f, 0.f);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (o + e < width) {
+        v[e] = src[e];
+        if (clear) src[e] = 0.f;
+      }
+    }
+  }
+  struct alignas(4 * sizeof(T)) Four {
+    T v[4];
+  } four;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float bv = (bias != nullptr && o + e < width) ? static_cast<float>(bias[o + e]) : 0.f;
+    four.v[e] = static_cast<T>(v[e] + bv);
+  }
+  T* dst = out + b * ldo + o;
+  if (whole && vec_out) {
+    *reinterpret_cast<Four*>(dst) = four;
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if (o + e < width) dst[e] = four.v[e];
+  }
+}
+
+// How the row reductions sum a row's chunks. Default: the per-chunk products are added by
+// fp32 atomics into an accumulator of (B, slice) columns, then converted once -- the order of
+// the additions varies from run to run, so the last bits can. The accumulator holds every
+// column when it fits the same 512 MiB budget as the partials (B = 16384, M = 4096: 268 MB):
+// on an H100 one slice was faster than slices that stay in L2 (benchmarks/GPU_NOTES.md, run 8).
+// Deterministic (torch.use_deterministic_algorithms(True), or STOCHGATE_CUDA_REDUCE=partials
+// for comparisons): one fp32 partial row per active pair, summed in chunk order.
+bool atomic_row_reduce() {
+  if (at::globalContext().deterministicAlgorithms()) return false;
+  const char* v = std::getenv("STOCHGATE_CUDA_REDUCE");
+  return v == nullptr || std::strcmp(v, "partials") != 0;
+}
+
+// Accumulator budget of the atomic path; STOCHGATE_CUDA_REDUCE_BYTES overrides it (for
+// measurements and tests: benchmarks/gpu_sm90.py, tests/test_gated_linear_cuda.py).
+int64_t atomic_budget_bytes() {
+  const char* v = std::getenv("STOCHGATE_CUDA_REDUCE_BYTES");
+  if (v != nullptr) {
+    const long long n = std::atoll(v);
+    if (n > 0) return static_cast<int64_t>(n);
+  }
+  return kPartialBudgetBytes;
+}
+
 // out (B, width), contiguous. A (B, units) contiguous; W is the weight tensor: if
 // w_rows_are_outputs, W is (width, units) (gated_input_linear: Bmat_c[u, o] = W[o, c*chunk+u],
 // K-major), else W is (units, width) (dx: Bmat_c[u, o] = W[c*chunk + u, o], N-major).
@@ -566,10 +645,54 @@ void row_reduce(const at::Tensor& A, const at::Tensor& W, bool w_rows_are_output
   using AccT = acc_of<T>;
   const int64_t B = r.B, C = r.C, units = A.size(1), width = out.size(1);
   if (B == 0 || width == 0) return;
+  constexpr int64_t kTileN = 128;  // slice widths are whole N tiles of either GEMM config
+  const T* w = W.const_data_ptr<T>();
+  // The grouped GEMM of the columns o0 .. o0 + ns - 1 into `dst` (rows per out_rows, ld ldd).
+  auto slice_gemm = [&](AccT* dst, int64_t ldd, OutRows out_rows, int64_t o0, int64_t ns) {
+    auto p = routed_params<T, AccT>(r);
+    // A[m, k] = A[rows[seg + m], c*chunk + k]
+    p.a = operand<T>(A.const_data_ptr<T>(), units, chunk, /*gather=*/true, chunk);
+    p.m = kFromCount;
+    p.n = ns;
+    p.k = chunk;
+    p.max_m = B;
+    p.max_n = ns;
+    p.out = dst;
+    p.ldo = ldd;
+    p.out_rows = out_rows;
+    if (w_rows_are_outputs) {
+      // B[k, n] = W[o0 + n, c*chunk + k]: K-major, lines n.
+      p.b = operand<T>(w + o0 * units, units, chunk, false, chunk);
+      gated::launch_grouped_gemm<T, AccT, true, true>(p, stream);
+    } else {
+      // B[k, n] = W[c*chunk + k, o0 + n]: N-major, lines k.
+      p.b = operand<T>(w + o0, width, chunk * width, false, ns);
+      gated::launch_grouped_gemm<T, AccT, true, false>(p, stream);
+    }
+  };
+  if constexpr (std::is_same_v<AccT, float>) {
+    const int64_t row_bytes = B * static_cast<int64_t>(sizeof(float));
+    if (chunk >= kMinGroupedChunk && atomic_row_reduce() &&
+        row_bytes * std::min(kTileN, width) <= kPartialBudgetBytes) {
+      const int64_t slice =
+          std::min(width, std::max<int64_t>(kTileN, atomic_budget_bytes() / row_bytes / kTileN * kTileN));
+      at::Tensor acc = at::zeros({B, slice}, A.options().dtype(at::kFloat));
+      for (int64_t o0 = 0; o0 < width; o0 += slice) {
+        const int64_t ns = std::min(slice, width - o0);
+        slice_gemm(acc.mutable_data_ptr<float>(), slice, OutRows::kGatheredAdd, o0, ns);
+        finish_sum_kernel<T><<<grid_1d(B * ceil_div(ns, 4)), kThreads, 0, stream>>>(
+            acc.mutable_data_ptr<float>(), slice, ns, B, bias != nullptr ? bias + o0 : nullptr,
+            out.mutable_data_ptr<T>() + o0, width, /*clear=*/o0 + slice < width,
+            /*vec_out=*/reinterpret_cast<uintptr_t>(out.const_data_ptr<T>() + o0) % (4 * sizeof(T)) == 0 &&
+                width % 4 == 0);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return;
+    }
+  }
   build_row_lists(r, stream);
   const int64_t pairs_max = B * C;
   const int64_t col_bytes = pairs_max * static_cast<int64_t>(sizeof(AccT));
-  constexpr int64_t kTileN = 128;  // slice widths are whole N tiles of either GEMM config
   const bool grouped = chunk >= kMinGroupedChunk && col_bytes * std::min(kTileN, width) <= kPartialBudgetBytes;
   const dim3 seg_grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(width, kThreads)));
   STOCHGATE_CHECK(B <= 0x7fffffff && ceil_div(width, kThreads) <= 65535,
@@ -585,29 +708,9 @@ void row_reduce(const at::Tensor& A, const at::Tensor& W, bool w_rows_are_output
   }
   int64_t slice = std::min(width, std::max<int64_t>(kTileN, kPartialBudgetBytes / col_bytes / kTileN * kTileN));
   at::Tensor partial = at::empty({pairs_max, slice}, A.options().dtype(c10::CppTypeToScalarType<AccT>::value));
-  const T* w = W.const_data_ptr<T>();
   for (int64_t o0 = 0; o0 < width; o0 += slice) {
     const int64_t ns = std::min(slice, width - o0);
-    auto p = routed_params<T, AccT>(r);
-    // A[m, k] = A[rows[seg + m], c*chunk + k]
-    p.a = operand<T>(A.const_data_ptr<T>(), units, chunk, /*gather=*/true, chunk);
-    p.m = kFromCount;
-    p.n = ns;
-    p.k = chunk;
-    p.max_m = B;
-    p.max_n = ns;
-    p.out = partial.mutable_data_ptr<AccT>();
-    p.ldo = slice;
-    p.out_rows = OutRows::kPair;
-    if (w_rows_are_outputs) {
-      // B[k, n] = W[o0 + n, c*chunk + k]: K-major, lines n.
-      p.b = operand<T>(w + o0 * units, units, chunk, false, chunk);
-      gated::launch_grouped_gemm<T, AccT, true, true>(p, stream);
-    } else {
-      // B[k, n] = W[c*chunk + k, o0 + n]: N-major, lines k.
-      p.b = operand<T>(w + o0, width, chunk * width, false, ns);
-      gated::launch_grouped_gemm<T, AccT, true, false>(p, stream);
-    }
+    slice_gemm(partial.mutable_data_ptr<AccT>(), slice, OutRows::kPair, o0, ns);
     // 4 columns per thread; a row's threads rounded up to whole warps (at most a block).
     const int64_t quads = ceil_div(ns, 4);
     int tpr = 32;

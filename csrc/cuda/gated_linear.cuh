@@ -27,7 +27,9 @@
 // The output element (m, n) of group c goes to
 //     out[c * out_group_stride + row(m) * ldo + n]
 // with row(m) = m (kPlain), seg + m (kPair: one row per pair, a partial-sum buffer) or
-// rows[seg + m] (kGathered: scatter back to the tensor row), after adding
+// rows[seg + m] (kGathered: scatter back to the tensor row; kGatheredAdd: the same row, the
+// value added to what is there by an fp32 atomic, so that the groups of a row reduction sum
+// on the device's L2 instead of through a partial buffer -- OutT float only), after adding
 // bias[c * bias_group_stride + n] and multiplying by pair_gate[seg + m] when asked.
 #pragma once
 
@@ -55,7 +57,7 @@ using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 // A GEMM extent that is the pair count of the group rather than a fixed size.
 constexpr int64_t kFromCount = -1;
 
-enum class OutRows : int { kPlain = 0, kPair = 1, kGathered = 2 };
+enum class OutRows : int { kPlain = 0, kPair = 1, kGathered = 2, kGatheredAdd = 3 };
 
 template <typename T>
 struct GemmOperand {
@@ -233,6 +235,26 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
+// Global fp32 reductions (no value returned). Written in PTX because the out pointer reaches
+// the kernels inside the parameter struct, where atomicAdd cannot tell that it is global and
+// falls back to generic atomics (a compare-and-swap loop for the float2 form). On the device
+// the result is flushed to zero below 2^-126, as every fp32 global atomic add is.
+__device__ __forceinline__ void red_add(float* ptr, float v) {
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(__cvta_generic_to_global(ptr)), "f"(v) : "memory");
+}
+
+// ptr 8-byte aligned.
+__device__ __forceinline__ void red_add2(float* ptr, float v0, float v1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(__cvta_generic_to_global(ptr)), "f"(v0),
+               "f"(v1)
+               : "memory");
+#else
+  red_add(ptr, v0);
+  red_add(ptr + 1, v1);
+#endif
+}
+
 // Where one output row of a tile goes, worked out once per row: its address (nullptr when
 // m is past the group's extent M) and the gate it is scaled by (1 when not scaling).
 template <typename OutT, typename AccT>
@@ -249,7 +271,7 @@ __device__ __forceinline__ OutRow<OutT, AccT> out_row(const GroupedGemmParams<T,
   if (m >= M) return r;
   int64_t row = m;
   if (p.out_rows == OutRows::kPair) row = seg + m;
-  if (p.out_rows == OutRows::kGathered) row = grows[m];
+  if (p.out_rows == OutRows::kGathered || p.out_rows == OutRows::kGatheredAdd) row = grows[m];
   r.ptr = p.out + c * p.out_group_stride + row * p.ldo;
   if (p.scale_by_gate) r.gate = p.pair_gate[seg + m];
   return r;
@@ -262,6 +284,12 @@ __device__ __forceinline__ void put1(const GroupedGemmParams<T, OutT, AccT>& p,
                                      AccT v) {
   if (r.ptr == nullptr || n >= N) return;
   if (p.bias != nullptr) v += static_cast<AccT>(p.bias[c * p.bias_group_stride + n]);
+  if constexpr (std::is_same_v<OutT, float>) {
+    if (p.out_rows == OutRows::kGatheredAdd) {
+      red_add(r.ptr + n, v * r.gate);
+      return;
+    }
+  }
   r.ptr[n] = static_cast<OutT>(v * r.gate);
 }
 
@@ -280,6 +308,12 @@ __device__ __forceinline__ void put2(const GroupedGemmParams<T, OutT, AccT>& p,
   if (p.bias != nullptr) {
     v0 += static_cast<AccT>(p.bias[c * p.bias_group_stride + n]);
     v1 += static_cast<AccT>(p.bias[c * p.bias_group_stride + n + 1]);
+  }
+  if constexpr (std::is_same_v<OutT, float>) {
+    if (p.out_rows == OutRows::kGatheredAdd) {
+      red_add2(r.ptr + n, v0 * r.gate, v1 * r.gate);
+      return;
+    }
   }
   struct alignas(2 * sizeof(OutT)) Two {
     OutT v[2];

@@ -227,6 +227,12 @@ def gated_linear(
     on CUDA it synchronises once per call and cannot be captured in a CUDA graph or compiled
     with ``fullgraph=True``; the dense path also reads every weight row, so a NaN in the
     weights of a gated-off chunk reaches ``dx`` (not ``y``).
+
+    Reproducibility on CUDA: ``dx`` sums each row's chunks with fp32 atomic additions, whose
+    order varies, so its last bits can differ from run to run (as for ``index_add_`` in
+    PyTorch); under ``torch.use_deterministic_algorithms(True)`` it sums per-chunk partials in
+    chunk order instead: bit for bit reproducible, slower. Everything else, and every CPU
+    result, is deterministic either way.
     """
     op = "stochgate.gated_linear"
     for name, t in (("x", x), ("weight", weight), ("gates", gates)):
@@ -270,6 +276,10 @@ def gated_input_linear(
 
     ``density_threshold`` as for :func:`gated_linear`: above it, one dense ``F.linear`` over
     ``h`` with its gated-off entries replaced by zeros (so they still cannot leak).
+
+    Reproducibility on CUDA: ``y`` sums each row's chunks with fp32 atomic additions (last bits
+    can vary from run to run); ``torch.use_deterministic_algorithms(True)`` selects the
+    deterministic, slower, sum in chunk order, as for ``dx`` of :func:`gated_linear`.
     """
     op = "stochgate.gated_input_linear"
     for name, t in (("h", h), ("weight", weight), ("gates", gates)):
