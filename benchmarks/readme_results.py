@@ -17,9 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-# The GPU run the README shows: run 7 of benchmarks/GPU_NOTES.md (an H200, the code as
-# committed). Earlier runs' files (gpu_h100*.json: runs 1-5 on an H100) stay for the notes.
-GPU_RESULTS = "gpu_h200.json"
+# The GPU run the README shows: run 9 of benchmarks/GPU_NOTES.md (an H100, the code as
+# committed). Earlier runs' files (gpu_h100*.json: runs 1-5 and 8 on an H100; gpu_h200*.json:
+# runs 6-7 on an H200) stay for the notes.
+GPU_RESULTS = "gpu_h100_run9.json"
 
 
 def _machine(r: dict) -> str:
@@ -200,7 +201,13 @@ _SM90_LABELS = {"sm90_s3_lag0": "wgmma, 3 stages, lag 0 (default)", "sm90_s3": "
                 "sm90_s4": "wgmma, 4 stages, lag 1", "sm90": "wgmma, 4 stages",
                 "sm90_s4_lag0": "wgmma, 4 stages, lag 0",
                 "sm90_s4_group": "wgmma, 4 stages, chunk order", "sm90_group": "wgmma, 4 stages, chunk order",
-                "mma": "mma.sync"}
+                "mma": "mma.sync",
+                # Run 8 on: how the row reductions (gated_input_linear, dx) sum across chunks.
+                "atomic": "fp32 atomics, one accumulator (default)",
+                "atomic_all": "fp32 atomics, one accumulator",
+                "atomic16M": "fp32 atomics, 16 MiB slices", "atomic64M": "fp32 atomics, 64 MiB slices",
+                "mma_atomic": "mma.sync, fp32 atomics",
+                "partials": "partials in chunk order (deterministic mode)"}
 
 
 def _sm90(path: Path) -> list[str]:
@@ -212,11 +219,20 @@ def _sm90(path: Path) -> list[str]:
     for row in r["timings"]:
         by.setdefault((row["op"], row["density"]), {})[row["variant"]] = row
     variants = [v for v in _SM90_LABELS if v in next(iter(by.values()))]
-    out = [f"The GEMM kernels of the K-major products side by side ({sh['dtype']}, B={sh['B']}, K=N={sh['K']}, "
-           f"chunk {sh['chunk']}; medians of 25, interleaved with dense in one process). Each cell: ms eager / ms replayed "
-           "from a captured CUDA graph, and the speedups over dense in the same mode. The three-stage wgmma ring with "
-           "lag 0 (each step's wgmma waited for, loads two steps ahead) is the default on Hopper GPUs; mma.sync is the "
-           "kernel of every other GPU."]
+    if "atomic" in variants:
+        out = [f"How the row reductions sum a row's chunks (`gated_input_linear`'s forward, the `dx` of "
+               f"`gated_linear_backward`), side by side ({sh['dtype']}, B={sh['B']}, K=N={sh['K']}, chunk {sh['chunk']}; "
+               "medians of 25, interleaved with dense in one process; the backward op computes dx, dweight and dbias, "
+               "against cuBLAS doing the same three products). Each cell: ms eager / ms replayed from a captured CUDA "
+               "graph, and the speedups over dense in the same mode. fp32 atomics into one accumulator are the default; "
+               "`torch.use_deterministic_algorithms(True)` selects the partials summed in chunk order (bit for bit "
+               "reproducible). `gated_linear`'s forward has no row reduction: its columns differ only by noise."]
+    else:
+        out = [f"The GEMM kernels of the K-major products side by side ({sh['dtype']}, B={sh['B']}, K=N={sh['K']}, "
+               f"chunk {sh['chunk']}; medians of 25, interleaved with dense in one process). Each cell: ms eager / ms "
+               "replayed from a captured CUDA graph, and the speedups over dense in the same mode. The three-stage wgmma "
+               "ring with lag 0 (each step's wgmma waited for, loads two steps ahead) is the default on Hopper GPUs; "
+               "mma.sync is the kernel of every other GPU."]
     if "sm90" in variants:
         out[0] += (" In this run the table above still used the four-stage ring, the default then; "
                    "the three-stage one became the default after it.")
