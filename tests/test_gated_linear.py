@@ -430,6 +430,67 @@ def test_density_threshold_dense_path_no_leak_and_bad_values():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 4, 16])
+@pytest.mark.parametrize("threshold", [None, 0.0], ids=["sparse", "dense_path"])
+def test_h_grad_full_gives_the_dense_block_gradients(device, C, threshold):
+    """gated_linear(gate_grad="full") then gated_input_linear(h_grad="full"): every gradient of
+    the pair, gates that sampled 0 included, equals the dense block's (float64). With the
+    default h_grad="active" the off gates get 0 (their dh is 0)."""
+    B, K, N, M = 23, 17, 32, 5
+    x, w1, b1, g = _data(B, K, N, C, device, torch.float64, density=0.5)
+    g = g.double()
+    gen = torch.Generator().manual_seed(5)
+    w2, b2, dy = (torch.randn(*s, generator=gen, dtype=torch.float64).to(device) for s in ((M, N), (M,), (B, M)))
+
+    def block(h_grad):
+        def fn(x, w1, b1, g, w2, b2):
+            h = stochgate.gated_linear(x, w1, b1, g, gate_grad="full", density_threshold=threshold)
+            return stochgate.gated_input_linear(h, w2, b2, g, h_grad=h_grad, density_threshold=threshold)
+        return fn
+
+    def dense(x, w1, b1, g, w2, b2):
+        return ((x @ w1.t() + b1) * g.repeat_interleave(N // C, 1)) @ w2.t() + b2
+
+    args, grads = (x, w1, b1, g, w2, b2), (True,) * 6
+    names = ["y", "dx", "dw1", "db1", "dg", "dw2", "db2"]
+    ref = _run(dense, args, dy, grads)
+    for name, o, r in zip(names, _run(block("full"), args, dy, grads), ref):
+        torch.testing.assert_close(o, r, msg=name)
+    active = _run(block("active"), args, dy, grads)
+    off = g == 0
+    assert off.any() and (ref[4][off] != 0).all() and (active[4][off] == 0).all()
+    torch.testing.assert_close(active[4][~off], ref[4][~off])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_h_grad_full_op_compile_and_bad_value(device):
+    """h_grad="full": dh = dy @ weight on every chunk (the default: 0 off), weight and bias
+    gradients unchanged, under torch.compile(fullgraph=True) too; the module passes it on."""
+    B, N, M, C = 9, 24, 7, 6
+    g = _gates(B, C, 0.5, device)
+    gen = torch.Generator().manual_seed(2)
+    h, w, b, dy = (torch.randn(*s, generator=gen).to(device) for s in ((B, N), (M, N), (M,), (B, M)))
+    off = (g == 0).repeat_interleave(N // C, 1)
+    active = _run(stochgate.gated_input_linear, (h, w, b, g), dy)
+    fn = lambda h, w, b, g: stochgate.gated_input_linear(h, w, b, g, h_grad="full")  # noqa: E731
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        y, dh, dw, db, _ = _run(f, (h, w, b, g), dy)
+        torch.testing.assert_close(y, active[0])
+        torch.testing.assert_close(dh, dy @ w)
+        torch.testing.assert_close(dw, active[2])
+        torch.testing.assert_close(db, active[3])
+    assert off.any() and (active[1][off] == 0).all() and (dy @ w)[off].abs().min() > 0
+    layer = stochgate.nn.GatedInputLinear(N, M, C, h_grad="full", device=device)
+    hr = h.clone().requires_grad_()
+    layer(hr, g).backward(dy)
+    torch.testing.assert_close(hr.grad, dy @ layer.weight.detach())
+    with pytest.raises(ValueError, match="h_grad"):
+        stochgate.gated_input_linear(h, w, b, g, h_grad="dense")
+    with pytest.raises(ValueError, match="h_grad"):
+        stochgate.nn.GatedInputLinear(N, M, C, h_grad=None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_autocast(device):
     dtype = torch.bfloat16
     x, w, b, g = _data(8, 12, 32, 4, device, torch.float32)

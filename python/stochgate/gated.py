@@ -163,22 +163,48 @@ class _DenseGatedLinear(torch.autograd.Function):
 
 class _DenseGatedInputLinear(torch.autograd.Function):
     """:func:`gated_input_linear` through one dense product (``density_threshold``): ``h`` with
-    its gated-off entries set to zeros (so they still cannot leak), the same gradients."""
+    its gated-off entries set to zeros (so they still cannot leak), the same gradients
+    (``full``: ``h_grad="full"``, dh on every chunk)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, on):
+    def forward(ctx, h, weight, bias, on, full):
         h_on = _keep_on(h, on)
         ctx.has_bias = bias is not None
+        ctx.full = full
         ctx.save_for_backward(h_on, weight, on)
         return F.linear(h_on, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
         h_on, weight, on = ctx.saved_tensors
-        dh = _keep_on(dy @ weight, on) if ctx.needs_input_grad[0] else None
+        dh = None
+        if ctx.needs_input_grad[0]:
+            dh = dy @ weight if ctx.full else _keep_on(dy @ weight, on)
         dweight = dy.t() @ h_on if ctx.needs_input_grad[1] else None
         dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dh, dweight, dbias, None
+        return dh, dweight, dbias, None, None
+
+
+class _FullInputGrad(torch.autograd.Function):
+    """:func:`gated_input_linear` with ``h_grad="full"``: the sparse op's value and its weight
+    and bias gradients, and ``dh = dy @ weight`` on every chunk (one dense product)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, gates):
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(h, weight, gates)
+        return ops.gated_input_linear(h, weight, bias, gates)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight, gates = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [False, need[1], ctx.has_bias and need[2]]
+        dweight = dbias = None
+        if mask[1] or mask[2]:
+            _, dweight, dbias = ops.gated_input_linear_backward(dy.contiguous(), h, weight, gates, mask)
+        dh = dy @ weight if need[0] else None
+        return dh, dweight if mask[1] else None, dbias if mask[2] else None, None
 
 
 def gated_linear(
@@ -211,7 +237,9 @@ def gated_linear(
     ``gate_grad`` chooses how ``dgates`` treats gated-off pairs, whose product was skipped:
 
     - ``"full"`` (the default when ``gates`` requires grad): exact for every pair; the
-      backward then computes the dense product once (dense cost).
+      backward then computes the dense product once (dense cost). A gated-off pair's gradient
+      is ``<dy, pre>`` with the ``dy`` this op receives there: followed by
+      :func:`gated_input_linear`, pass it ``h_grad="full"``, or that ``dy`` is 0.
     - ``"active"``: gated-off pairs get gradient 0 and the backward stays sparse. This is a
       *biased* approximation of the gradient (it ignores what switching a chunk on would do).
 
@@ -255,6 +283,7 @@ def gated_input_linear(
     bias: torch.Tensor | None,
     gates: torch.Tensor,
     *,
+    h_grad: Literal["active", "full"] = "active",
     density_threshold: float | None = None,
 ) -> torch.Tensor:
     """Linear layer whose input chunks are switched on and off per example: the layer after
@@ -269,10 +298,19 @@ def gated_input_linear(
     ``N % C == 0``; returns ``(B, M)``, contiguous, in ``h``'s dtype. Dtypes and autocast as
     for :func:`gated_linear`.
 
-    Gradients: ``dh[b, chunk c] = dy[b] @ weight[:, chunk c]`` for active pairs and 0
-    elsewhere; ``dweight[:, chunk c] = sum over active b of dy[b].T h[b, chunk c]``;
-    ``dbias = dy.sum(0)``. ``gates`` gets no gradient (the output is piecewise constant in
-    them).
+    Gradients: ``dh[b, chunk c] = dy[b] @ weight[:, chunk c]`` for active pairs and, with the
+    default ``h_grad="active"``, 0 elsewhere (the op never reads those entries);
+    ``dweight[:, chunk c] = sum over active b of dy[b].T h[b, chunk c]``; ``dbias = dy.sum(0)``.
+    ``gates`` gets no gradient (the output is piecewise constant in them).
+
+    ``h_grad="full"``: ``dh = dy @ weight`` on every chunk (one dense product in backward), the
+    gradient of ``h @ weight.T + bias``, which equals this op whenever ``h`` is zero in the
+    gated-off chunks -- as the output of :func:`gated_linear` with the same gates is. Use it
+    after ``gated_linear(..., gate_grad="full")`` so that gates that sampled 0 get their
+    straight-through gradient ``<weight[:, chunk c].T dy[b], pre[b, chunk c]>``: with the
+    default, the block gives them 0 (their ``dh`` is 0), and the exact gate gradient's dense
+    product in ``gated_linear`` is spent for nothing. The pair then gives the same gradients as
+    the dense block ``(g ⊙ (x @ W1.T + b1)) @ W2.T + b2``.
 
     ``density_threshold`` as for :func:`gated_linear`: above it, one dense ``F.linear`` over
     ``h`` with its gated-off entries replaced by zeros (so they still cannot leak).
@@ -284,10 +322,14 @@ def gated_input_linear(
     op = "stochgate.gated_input_linear"
     for name, t in (("h", h), ("weight", weight), ("gates", gates)):
         _check_float(name, t)
+    if h_grad not in ("active", "full"):
+        raise ValueError(f"{op}: h_grad must be 'active' or 'full', got {h_grad!r}")
     _check_threshold(op, density_threshold)
     h, weight, bias = _autocast(h, weight, bias)
     _check(op, "h", h, weight, bias, gates, weight.shape[1] if weight.dim() == 2 else 0, "input")
     on = _dense_mask(gates, density_threshold)
     if on is not None:
-        return _DenseGatedInputLinear.apply(h, weight, bias, on)
+        return _DenseGatedInputLinear.apply(h, weight, bias, on, h_grad == "full")
+    if h_grad == "full" and h.requires_grad and torch.is_grad_enabled():
+        return _FullInputGrad.apply(h, weight, bias, gates)
     return ops.gated_input_linear(h, weight, bias, gates)

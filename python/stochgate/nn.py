@@ -161,16 +161,21 @@ class GatedLinear(_GatedBase):
 class GatedInputLinear(_GatedBase):
     """``nn.Linear`` whose ``in_features`` are split into ``num_chunks`` chunks; per example only
     the chunks with a nonzero gate are read: :func:`stochgate.gated_input_linear`. The layer
-    after a :class:`GatedLinear` with the same gates. ``density_threshold`` (``None``: off) is
-    passed on: see :func:`stochgate.gated_input_linear`.
+    after a :class:`GatedLinear` with the same gates. ``h_grad`` (``"active"`` or ``"full"``:
+    use ``"full"`` after a ``GatedLinear(..., gate_grad="full")``) and ``density_threshold``
+    (``None``: off) are passed on: see :func:`stochgate.gated_input_linear`.
     """
 
     def __init__(self, in_features: int, out_features: int, num_chunks: int, bias: bool = True,
-                 *, density_threshold: float | None = None, device=None, dtype=None) -> None:
+                 *, h_grad: Literal["active", "full"] = "active", density_threshold: float | None = None,
+                 device=None, dtype=None) -> None:
+        if h_grad not in ("active", "full"):
+            raise ValueError(f"h_grad must be 'active' or 'full', got {h_grad!r}")
         _check_threshold("GatedInputLinear", density_threshold)
         super().__init__(in_features, out_features, num_chunks, in_features, bias, device, dtype)
+        self.h_grad = h_grad
         self.density_threshold = density_threshold
 
     def forward(self, h: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        return gated_input_linear(h, self.weight, self.bias, gates,
+        return gated_input_linear(h, self.weight, self.bias, gates, h_grad=self.h_grad,
                                   density_threshold=self.density_threshold)

@@ -47,8 +47,8 @@ The reported test error is that of the epoch with the best validation error.
 
 Gate gradients through ``gated_linear``: ``gate_grad="full"`` (exact) for straight-through and
 the sigmoid baseline, whose gradient reaches gates that sampled 0 (the output layer then also
-hands the gated-off units their gradient ``W2^T dlogits``, which ``gated_input_linear`` does not
-compute: see ``_OffChunkInputGrad``); ``"active"`` for STS and the rectifiers, where it is also
+hands the gated-off units their gradient ``W2^T dlogits``: ``h_grad="full"`` of
+``gated_input_linear``); ``"active"`` for STS and the rectifiers, where it is also
 exact because their estimators' backward is zero wherever the gate is 0; none at all for
 REINFORCE, so its whole training step stays sparse. A test checks every method's gradients
 against the dense model's.
@@ -213,28 +213,6 @@ def _units(method: Method, chunk: int) -> int:
     return -(-method.units // step) * step
 
 
-class _OffChunkInputGrad(torch.autograd.Function):
-    """Zero in value; in backward gives ``h`` the gradient ``dy @ weight`` on its gated-off
-    chunks. ``gated_input_linear`` never reads those entries, so it gives them no gradient,
-    and ``gated_linear``'s exact gate gradient ``<dh, W1 x + b1>`` for an off gate needs it:
-    straight-through sends ``dL/dh`` to gates that sampled 0. Dense in the output layer's
-    width only (10 classes here)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, gates, chunk):
-        ctx.save_for_backward(weight, gates)
-        ctx.chunk = chunk
-        return h.new_zeros(h.shape[0], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy):
-        weight, gates = ctx.saved_tensors
-        off = gates == 0
-        if ctx.chunk > 1:
-            off = off.repeat_interleave(ctx.chunk, dim=1)
-        return (dy @ weight).masked_fill_(~off, 0), None, None, None
-
-
 class ConditionalNet(nn.Module):
     """The section-5 network for one method and chunk size (see the module docstring).
 
@@ -266,7 +244,10 @@ class ConditionalNet(nn.Module):
                 generator=generator,
             )
         self.main = sgnn.GatedLinear(in_features, self.units, self.num_chunks, gate_grad=method.gate_grad)
-        self.out = sgnn.GatedInputLinear(self.units, classes, self.num_chunks)
+        # h_grad="full" with the exact gate gradient: gated-off units get dh = W2^T dlogits, so
+        # that straight-through reaches gates that sampled 0 (see the module docstring).
+        self.out = sgnn.GatedInputLinear(self.units, classes, self.num_chunks,
+                                         h_grad="full" if method.gate_grad == "full" else "active")
         self.dense = False
         self.threshold: float | None = None
         # The gate pre-activations are the gater's output times this slope (Config.gate_slope;
@@ -315,8 +296,6 @@ class ConditionalNet(nn.Module):
         else:
             y = self.main(x, g)
             logits = self.out(y, g)
-            if self.method.gate_grad == "full" and g.requires_grad and torch.is_grad_enabled():
-                logits = logits + _OffChunkInputGrad.apply(y, self.out.weight, g, self.chunk)
         return logits, a, g
 
 
