@@ -38,6 +38,11 @@ if $PY -m pip install -v --no-build-isolation --no-deps --no-index -Cbuild.verbo
   echo "pip install: ok"
   grep -E "static-libstdc|stochgate: " "$DIR/build.txt" | head -5
   grep -E " -o _C\.cpython" "$DIR/build.txt" | head -1 | cut -c1-1500
+  # The slowest translation units (ninja's log: start and end in ms): the build's critical
+  # path, which every GPU session pays on a freshly started machine.
+  for log in build/*/.ninja_log; do
+    [ -f "$log" ] && awk 'NR > 1 { printf "  %6.1f s  %s\n", ($2 - $1) / 1000, $4 }' "$log" | sort -rn | head -5
+  done
 else
   # The package build failed (say, an older scikit-build-core than pyproject asks for): build
   # the same CMake project directly so that the kernels can still be checked, and say so.
