@@ -700,6 +700,15 @@ at::Tensor row_pairs(const at::Tensor& s, const RowRouting& rr, int64_t chunk, b
   return out;
 }
 
+// The row kernels' coefficient of pair p = (b, c) of rr at unit n of chunk c, read from
+// row_pairs' output: by_row[p, n - c*chunk].
+template <typename T>
+auto row_pair_coef(const T* by_row, const RowRouting& rr, int64_t chunk) {
+  return [by_row, &rr, chunk](int64_t, int64_t p, int64_t n) {
+    return by_row[(p - rr.chunks[p]) * chunk + n];
+  };
+}
+
 // The same slices in chunk order (pair q of cr), from the row-order ones (out[q] = rows[p] for
 // q = cr.qof[p]): the chunk-order gather from s itself walks its columns, a new line per row.
 template <typename T>
@@ -1656,7 +1665,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
       if (need_dx) {
         const at::Tensor wb = blocks ? block_major(w) : at::Tensor();
         spmm_rows_all<T>(pw, B, K, chunk, rr, nullptr, dx.mutable_data_ptr<T>(),
-                         [&](int64_t, int64_t p, int64_t n) { return pdpr[(p - rr.chunks[p]) * chunk + n]; },
+                         row_pair_coef(pdpr, rr, chunk),
                          blocks ? Blocked{wb.const_data_ptr<float>(), N} : Blocked{});
       }
       if (need_dw) {
@@ -1811,7 +1820,7 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
       // (its block-major copy straight from weight where use_row_blocks).
       const at::Tensor hr = row_pairs<T>(h, rr, chunk, /*scale=*/false);
       const T* phr = hr.const_data_ptr<T>();
-      const auto coef = [&](int64_t, int64_t p, int64_t n) { return phr[(p - rr.chunks[p]) * chunk + n]; };
+      const auto coef = row_pair_coef(phr, rr, chunk);
       if (use_row_blocks<T>(M)) {
         const at::Tensor wb = block_major_t(w);
         spmm_rows_all<T>(nullptr, B, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef,
