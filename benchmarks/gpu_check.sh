@@ -11,7 +11,7 @@
 #
 #   bash benchmarks/gpu_check.sh "$OUT"
 #   GPU_CHECK_SKIP="sanitizer bench" bash benchmarks/gpu_check.sh DIR   # skip parts
-#   (parts: exceptions tests sm90 bench ncu sanitizer; SANITIZER_TOOLS="memcheck" runs one tool)
+#   (parts: exceptions redrate tests sm90 bench ncu sanitizer; SANITIZER_TOOLS="memcheck" runs one tool)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-${OUT:-gpu_check_out}}
@@ -69,6 +69,16 @@ if ! skip exceptions; then
   fi
 fi
 
+if ! skip redrate; then
+  step "the L2's fp32 reduction rate, stand-alone (benchmarks/cuda/reduce_rate.cu)"
+  if nvcc -O3 -std=c++17 -arch=sm_90a -o "$DIR/reduce_rate" benchmarks/cuda/reduce_rate.cu > "$DIR/reduce_rate.txt" 2>&1; then
+    timeout 60 "$DIR/reduce_rate" 2>&1 | tee -a "$DIR/reduce_rate.txt"
+  else
+    tail -20 "$DIR/reduce_rate.txt"
+  fi
+  rm -f "$DIR/reduce_rate"
+fi
+
 if ! skip tests; then
   step "build checks (tests/test_build.py)"
   $PY -m pytest -q -p no:cacheprovider tests/test_build.py -rfE --tb=short 2>&1 | tail -15
@@ -116,9 +126,12 @@ if ! skip sanitizer; then
     # GPU_NOTES.md): it gets the kernel's two smallest shapes only.
     HOPPER="test_hopper_and_mma_kernels"
     [ "$tool" = racecheck ] && HOPPER="(test_hopper_and_mma_kernels and (1x64x128x1 or 257x72x256x4))"
+    # SANITIZER_K_<tool> replaces a tool's test selection (say, to race-check one new kernel).
+    SEL_VAR="SANITIZER_K_$tool"
+    SEL=${!SEL_VAR:-"$HOPPER or $BASE"}
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool $tool --error-exitcode 99 \
       $PY -m pytest -q -p no:cacheprovider tests/test_gated_linear_cuda.py tests/test_estimators.py \
-      -k "$HOPPER or $BASE" > "$DIR/sanitizer_$tool.txt" 2>&1
+      -k "$SEL" > "$DIR/sanitizer_$tool.txt" 2>&1
     echo "$tool exit status: $? (99: the tool found errors; 124: timed out)"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$DIR/sanitizer_$tool.txt" | tail -3
   done

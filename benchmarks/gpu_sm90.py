@@ -7,8 +7,9 @@ Hopper kernel, STOCHGATE_SM90_STAGES (default 3 = three-stage ring, two blocks p
 stages, one block), STOCHGATE_SM90_LAG (default 0 = wait for each step's wgmma, loads one
 step further ahead; 1 = leave one step's wgmma running) and STOCHGATE_SM90_ORDER (group =
 tiles chunk by chunk; default M tile by M tile across the chunks); the row reductions'
-cross-chunk sum by STOCHGATE_CUDA_REDUCE (atomic, default, or partials) and
-STOCHGATE_CUDA_REDUCE_BYTES (the atomic accumulator's budget). Writes gpu_sm90.json into the
+cross-chunk sum by STOCHGATE_CUDA_REDUCE (atomic, default, or partials),
+STOCHGATE_CUDA_REDUCE_BYTES (the atomic accumulator's budget) and STOCHGATE_CUDA_RED (how the
+epilogue adds: pairs, quads or bulk). Writes gpu_sm90.json into the
 directory given as the first argument.
 
     python benchmarks/gpu_sm90.py OUTDIR
@@ -37,15 +38,28 @@ B, K, N, CHUNK = 16384, 4096, 4096, 128
 # with the mma.sync kernel, against run 7's per-pair partials summed in chunk order (what
 # torch.use_deterministic_algorithms selects); all columns at once was the fastest and is the
 # default since (STOCHGATE_CUDA_REDUCE_BYTES unset: up to 512 MiB).
+# Run 10 times how the atomic path's GEMM epilogues add into the accumulator
+# (STOCHGATE_CUDA_RED): "pairs" (red.global.add.v2.f32, runs 8-9), "quads" (v4, lane pairs
+# trading halves) and "bulk" (each tile row as one cp.reduce.async.bulk); "atomic" is the
+# build's default (RED_DEFAULT below, which the other variants leave out).
+# And gated_linear's forward with its zero-fill before the GEMM (STOCHGATE_CUDA_ZERO=serial,
+# up to run 9) against beside it on a forked stream (the default since run 10).
+RED_DEFAULT = "pairs"
 _BASE = {"STOCHGATE_CUDA_GEMM": "auto", "STOCHGATE_SM90_STAGES": "3", "STOCHGATE_SM90_ORDER": "level",
-         "STOCHGATE_SM90_LAG": "0", "STOCHGATE_CUDA_REDUCE": "atomic", "STOCHGATE_CUDA_REDUCE_BYTES": ""}
+         "STOCHGATE_SM90_LAG": "0", "STOCHGATE_CUDA_REDUCE": "atomic", "STOCHGATE_CUDA_REDUCE_BYTES": "",
+         "STOCHGATE_CUDA_RED": "", "STOCHGATE_CUDA_ZERO": ""}
 VARIANTS = {"partials": {**_BASE, "STOCHGATE_CUDA_REDUCE": "partials"},
             "atomic": _BASE,
-            "atomic16M": {**_BASE, "STOCHGATE_CUDA_REDUCE_BYTES": str(16 << 20)}}
+            **{f"atomic_{m}": {**_BASE, "STOCHGATE_CUDA_RED": m} for m in ("pairs", "quads", "bulk") if m != RED_DEFAULT},
+            "zero_serial": {**_BASE, "STOCHGATE_CUDA_ZERO": "serial"}}
 
 
 def use(variant: str) -> None:
-    os.environ.update(VARIANTS[variant])
+    for k, v in VARIANTS[variant].items():
+        if v:
+            os.environ[k] = v
+        else:
+            os.environ.pop(k, None)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -207,6 +207,11 @@ _SM90_LABELS = {"sm90_s3_lag0": "wgmma, 3 stages, lag 0 (default)", "sm90_s3": "
                 "atomic_all": "fp32 atomics, one accumulator",
                 "atomic16M": "fp32 atomics, 16 MiB slices", "atomic64M": "fp32 atomics, 64 MiB slices",
                 "mma_atomic": "mma.sync, fp32 atomics",
+                # Run 10 on: the epilogue's reductions (STOCHGATE_CUDA_RED) other than the default.
+                "atomic_pairs": "fp32 atomics, 2-column reductions",
+                "atomic_quads": "fp32 atomics, 4-column reductions",
+                "atomic_bulk": "fp32 atomics, bulk row reductions",
+                "zero_serial": "zero-fill before the GEMM",
                 "partials": "partials in chunk order (deterministic mode)"}
 
 

@@ -364,11 +364,15 @@ REDUCE_SHAPES = [(130, 300, 256, 2), (517, 257, 384, 6), (64, 128, 64, 4), (1, 2
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", REDUCE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("slice_cols", [None, 128], ids=["one_slice", "slices_of_128"])
-def test_row_reduce_atomic_and_deterministic(monkeypatch, dtype, shape, slice_cols):
+@pytest.mark.parametrize("red", ["pairs", "quads", "bulk"])
+def test_row_reduce_atomic_and_deterministic(monkeypatch, dtype, shape, slice_cols, red):
     """gated_input_linear and gated_linear's dx sum a row's chunks by fp32 atomics into an
-    L2-sized accumulator (default; STOCHGATE_CUDA_REDUCE_BYTES caps it, here to force 128-column
-    slices) or, in deterministic mode, through per-pair partials in chunk order: both against
-    the reference, and against each other to within the order of fp32 additions."""
+    accumulator (default; STOCHGATE_CUDA_REDUCE_BYTES caps it, here to force 128-column
+    slices), each GEMM epilogue adding by 2-column or 4-column vector reductions or by bulk
+    reductions of whole tile rows (STOCHGATE_CUDA_RED; M = 257 takes the 2-column path in
+    every mode), or, in deterministic mode, through per-pair partials in chunk order: all
+    against the reference, and against each other to within the order of fp32 additions."""
+    monkeypatch.setenv("STOCHGATE_CUDA_RED", red)
     B, M, N, C = shape
     h, w2, b2, gates = _input_linear_data(B, M, N, C, dtype, density=0.5)
     gates[0] = 0  # a row with no active chunk: y = bias, dx = 0
@@ -476,6 +480,46 @@ def test_hopper_and_mma_kernels(monkeypatch, dtype, shape):
         _check(f"y ({path})", y, ref64, ref_lp, dtype)
         assert (y[off] == 0).all(), path
         _check(f"gated_input_linear ({path})", ops.gated_input_linear(h, w2, b2, gates), ref2_64, ref2_lp, dtype)
+
+
+@pytest.mark.parametrize("zero", ["overlap", "serial"])
+def test_zero_fill_beside_the_gemm(monkeypatch, zero):
+    """gated_linear writes the off chunks' zeros beside the grouped GEMM, on the current stream
+    while the GEMM runs on a forked one (default), or before it (STOCHGATE_CUDA_ZERO=serial):
+    the same y bit for bit, exact zeros where the reused memory held NaN, eager on the default
+    and on a side stream, and replayed from a CUDA graph with new gates."""
+    B, K, N, C = 3000, 256, 1024, 8
+    x, w, b, gates = _linear_data(B, K, N, C, torch.bfloat16, density=0.3)
+    monkeypatch.setenv("STOCHGATE_CUDA_ZERO", "serial")
+    expect = ops.gated_linear(x, w, b, gates)
+    _check("y", expect, R.gated_linear(x.double(), w.double(), b.double(), gates),
+           R.gated_linear(x, w, b, gates), torch.bfloat16)
+    monkeypatch.setenv("STOCHGATE_CUDA_ZERO", zero)
+    off = (gates == 0).repeat_interleave(N // C, dim=1)
+    for on_side_stream in (False, True):
+        torch.cuda.synchronize()
+        junk = torch.full((B, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del junk  # the caching allocator hands y this block: off chunks must be overwritten
+        s = torch.cuda.Stream() if on_side_stream else torch.cuda.current_stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            y = ops.gated_linear(x, w, b, gates)
+        torch.cuda.current_stream().wait_stream(s)
+        assert torch.equal(y, expect), f"side stream: {on_side_stream}"
+        assert (y[off] == 0).all()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.gated_linear(x, w, b, gates)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        yg = ops.gated_linear(x, w, b, gates)
+    gates.copy_(_gates(B, C, 0.6, seed=3))
+    yg.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, ops.gated_linear(x, w, b, gates))
 
 
 @pytest.mark.parametrize("reduce", ["atomic", "deterministic"])

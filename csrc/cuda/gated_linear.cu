@@ -38,6 +38,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -62,6 +63,14 @@ STOCHGATE_GATED_GEMM_LAYOUTS(extern, c10::Half, c10::Half)
 STOCHGATE_GATED_GEMM_LAYOUTS(extern, c10::Half, float)
 STOCHGATE_GATED_GEMM_LAYOUTS(extern, float, float)
 STOCHGATE_GATED_GEMM_LAYOUTS(extern, double, double)
+
+int red_mode_from_env() {
+  const char* v = std::getenv("STOCHGATE_CUDA_RED");
+  if (v != nullptr && std::strcmp(v, "pairs") == 0) return kRedPairs;
+  if (v != nullptr && std::strcmp(v, "bulk") == 0) return kRedBulk;
+  if (v != nullptr && std::strcmp(v, "quads") == 0) return kRedQuads;
+  return kRedPairs;
+}
 }  // namespace gated
 
 namespace {
@@ -727,12 +736,27 @@ void row_reduce(const at::Tensor& A, const at::Tensor& W, bool w_rows_are_output
 
 // y[b, chunk c] = (scale ? g : 1) * (x[b] @ W[chunk c].T + bias[chunk c]) on active pairs and 0
 // elsewhere. scale = false gives the masked pre-activation (the "active" gate gradient).
+//
+// The zeros of the off chunks (zero_inactive: memory-bound) and the grouped GEMM (compute-bound,
+// a persistent grid whose last wave leaves SMs idle) touch disjoint parts of y. By default
+// (STOCHGATE_CUDA_ZERO=serial for comparisons) they overlap: the GEMM goes to a high-priority
+// stream forked from the current one, the zeros stay on the current stream, and the current
+// stream then waits for the GEMM. The GEMM's blocks are placed first; the zero-fill's short
+// blocks take the SMs its finished blocks leave. Events only, no host synchronisation: CUDA
+// graph capture records the fork and the join.
+bool overlap_zero_fill() {
+  const char* v = std::getenv("STOCHGATE_CUDA_ZERO");
+  return v == nullptr || std::strcmp(v, "serial") != 0;
+}
+
 template <typename T>
 void gated_linear_into(const at::Tensor& x, const at::Tensor& w, const T* bias, at::Tensor& y,
                        const Routing& r, int64_t chunk, bool scale, cudaStream_t stream) {
   const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
   if (B == 0 || N == 0) return;
-  zero_inactive<T>(y, r, chunk, stream);
+  const at::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream(x.device().index());
+  const bool overlap = overlap_zero_fill() && current.stream() == stream;
+  if (!overlap) zero_inactive<T>(y, r, chunk, stream);
   auto p = routed_params<T, T>(r);
   p.a = operand<T>(x.const_data_ptr<T>(), K, 0, /*gather=*/true, K);  // x[rows[seg+m], k]
   p.b = operand<T>(w.const_data_ptr<T>(), K, chunk * K, false, K);    // W[c*chunk + n, k]
@@ -748,7 +772,18 @@ void gated_linear_into(const at::Tensor& x, const at::Tensor& w, const T* bias, 
   p.bias = bias;
   p.bias_group_stride = chunk;
   p.scale_by_gate = scale;
-  gated::launch_grouped_gemm<T, T, true, true>(p, stream);
+  if (!overlap) {
+    gated::launch_grouped_gemm<T, T, true, true>(p, stream);
+    return;
+  }
+  const at::cuda::CUDAStream gemm_stream = at::cuda::getStreamFromPool(/*isHighPriority=*/true, current.device_index());
+  at::cuda::CUDAEvent routed, computed;
+  routed.record(current);
+  routed.block(gemm_stream);
+  gated::launch_grouped_gemm<T, T, true, true>(p, gemm_stream.stream());
+  zero_inactive<T>(y, r, chunk, stream);
+  computed.record(gemm_stream);
+  computed.block(current);
 }
 
 at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }

@@ -85,7 +85,19 @@ struct GroupedGemmParams {
   int64_t bias_group_stride = 0;
   bool scale_by_gate = false;
   bool out_pair = false;  // set by launch_grouped_gemm: (n, n + 1) outputs stored as one vector
+  // kGatheredAdd only, set by launch_grouped_gemm: how a tile's fp32 sums reach the
+  // accumulator (see RedMode); kPairs where out, ldo or out_group_stride are not 4-aligned.
+  int red_mode = 0;
 };
+
+// How the kGatheredAdd epilogues add into the accumulator. kPairs: one red.global.add.v2.f32
+// per mma fragment pair (2 columns of one row); kQuads: lanes l and l ^ 1 swap halves of their
+// fragments with a shuffle, so that each issues one red.global.add.v4.f32 (4 columns of one
+// row, 16-byte aligned); kBulk (the Hopper kernel only; the mma.sync kernel takes kQuads): the
+// tile is staged in shared memory and each row's 128 columns go out as one bulk reduction
+// (cp.reduce.async.bulk .add.f32, 512 bytes) issued by one thread. STOCHGATE_CUDA_RED picks
+// one (pairs | quads | bulk); benchmarks/GPU_NOTES.md has their rates.
+enum RedMode : int { kRedPairs = 0, kRedQuads = 1, kRedBulk = 2 };
 
 
 // Layouts used by the ops: (AK, BK) = (true, true), (true, false), (false, false), each
@@ -115,6 +127,10 @@ bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaSt
 // file, in gated_linear_gemm_<dtype>.cu for the layouts the ops use.
 template <typename T, typename OutT, bool AK, bool BK>
 void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStream_t stream);
+
+// The RedMode named by STOCHGATE_CUDA_RED (pairs | quads | bulk); unset: the default
+// (gated_linear.cu says which and why).
+int red_mode_from_env();
 
 // ---------------------------------------------------------------------------------------
 // Implementation (compiled only where STOCHGATE_GATED_GEMM_IMPL is defined: the per-dtype
@@ -255,6 +271,18 @@ __device__ __forceinline__ void red_add2(float* ptr, float v0, float v1) {
 #endif
 }
 
+// ptr 16-byte aligned.
+__device__ __forceinline__ void red_add4(float* ptr, const float (&v)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(__cvta_generic_to_global(ptr)),
+               "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+               : "memory");
+#else
+  red_add2(ptr, v[0], v[1]);
+  red_add2(ptr + 2, v[2], v[3]);
+#endif
+}
+
 // Where one output row of a tile goes, worked out once per row: its address (nullptr when
 // m is past the group's extent M) and the gate it is scaled by (1 when not scaling).
 template <typename OutT, typename AccT>
@@ -321,6 +349,47 @@ __device__ __forceinline__ void put2(const GroupedGemmParams<T, OutT, AccT>& p,
   two.v[0] = static_cast<OutT>(v0 * r.gate);
   two.v[1] = static_cast<OutT>(v1 * r.gate);
   *reinterpret_cast<Two*>(r.ptr + n) = two;
+}
+
+// One tensor-core accumulator fragment (mma.m16n8k16 and wgmma m64nNk16 share the layout):
+// this lane's (a0, a1) at row r0, columns n8 + 2 (lane % 4) + 0, 1 and (b0, b1) at row r1
+// (8 rows below), same columns; n8 is the fragment's first column. Called by whole warps
+// (the kQuads exchange is a shuffle): in kQuads mode lane pairs (l, l ^ 1) trade halves so
+// that the even lane adds 4 columns of r0 and the odd lane 4 columns of r1 with one vector
+// reduction each.
+template <typename T, typename OutT, typename AccT>
+__device__ __forceinline__ void put_frag(const GroupedGemmParams<T, OutT, AccT>& p,
+                                         const OutRow<OutT, AccT>& r0, const OutRow<OutT, AccT>& r1,
+                                         int c, int64_t n8, int64_t N, AccT a0, AccT a1, AccT b0,
+                                         AccT b1) {
+  const int lane = threadIdx.x % 32;
+  if constexpr (std::is_same_v<OutT, float> && std::is_same_v<AccT, float>) {
+    if (p.out_rows == OutRows::kGatheredAdd && p.red_mode != kRedPairs) {
+      const bool odd = lane & 1;
+      const float s0 = odd ? a0 : b0, s1 = odd ? a1 : b1;
+      const float t0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+      const float t1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+      const OutRow<OutT, AccT> r = odd ? r1 : r0;  // a copy: a reference would put both in memory
+      const int64_t n = n8 + 2 * ((lane % 4) & ~1);
+      if (r.ptr == nullptr || n >= N) return;
+      float v[4] = {odd ? t0 : a0, odd ? t1 : a1, odd ? b0 : t0, odd ? b1 : t1};
+      if (n + 4 > N) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) put1(p, r, c, n + e, N, v[e]);  // put1 skips n + e >= N
+        return;
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (p.bias != nullptr) v[e] += static_cast<float>(p.bias[c * p.bias_group_stride + n + e]);
+        v[e] *= r.gate;
+      }
+      red_add4(r.ptr + n, v);
+      return;
+    }
+  }
+  const int64_t n = n8 + (lane % 4) * 2;
+  put2(p, r0, c, n, N, a0, a1);
+  put2(p, r1, c, n, N, b0, b1);
 }
 
 template <typename T, typename OutT, bool A_KM, bool B_KM>
@@ -442,16 +511,16 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
     // Accumulator layout of mma.m16n8k16: c0, c1 at (row lane/4, cols 2*(lane%4) + 0/1),
     // c2, c3 at row lane/4 + 8.
 #pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
+    for (int mi = 0; mi < MI; ++mi) {
+      const int64_t m = m0 + wm * WM + mi * 16 + lane / 4;
+      const auto row0 = out_row(p, c, seg, grows, m, M);
+      const auto row1 = out_row(p, c, seg, grows, m + 8, M);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const auto row = out_row(p, c, seg, grows, m0 + wm * WM + mi * 16 + lane / 4 + h * 8, M);
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          const int64_t n = n0 + wn * WN + ni * 8 + (lane % 4) * 2;
-          put2(p, row, c, n, N, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
-        }
+      for (int ni = 0; ni < NI; ++ni) {
+        const float* f = acc[mi][ni];
+        put_frag(p, row0, row1, c, n0 + wn * WN + ni * 8, N, f[0], f[1], f[2], f[3]);
       }
+    }
   } else {
     // SIMT: thread (tm, tn) owns rows tm + 16 i and columns tn + 16 j (i, j < 4).
     constexpr int TM = 4, TN = 4;
@@ -523,6 +592,11 @@ void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStr
   GroupedGemmParams<T, OutT, acc_of<T>> q = p;
   q.out_pair = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(OutT)) == 0 && p.ldo % 2 == 0 &&
                p.out_group_stride % 2 == 0;
+  q.red_mode = p.out_rows == OutRows::kGatheredAdd &&
+                       reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && p.ldo % 4 == 0 &&
+                       p.out_group_stride % 4 == 0
+                   ? red_mode_from_env()
+                   : kRedPairs;
   if constexpr (AK && BK && detail::kTensorCores<T>) {
     if (launch_grouped_gemm_sm90<T, OutT>(q, stream)) return;
   }

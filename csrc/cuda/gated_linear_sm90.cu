@@ -197,6 +197,70 @@ __device__ __forceinline__ bool find_tile_by_level(int64_t t, int64_t nt, int ti
   }
 }
 
+// kRedBulk epilogue (kGatheredAdd into an fp32 accumulator): the block's 128 x 128 fp32 sums,
+// scaled (and biased) as put_frag would, are staged in the shared-memory ring -- free once
+// every warpgroup's wgmma is over -- at kStageRow bytes per row (512 + 32: the v2 stores of a
+// half-warp's 4 rows then fall in distinct banks), and each of the tile's rows is added into
+// its gathered accumulator row by one 512-byte bulk reduction (cp.reduce.async.bulk, executed
+// by the copy engine at L2) issued by one thread of its warpgroup. The issuing threads wait
+// until their bulk copies have read shared memory before the block's next barrier, after which
+// the ring is refilled. Needs N % 4 == 0 and 16-byte-aligned rows (launch_grouped_gemm_sm90).
+constexpr int kStageRow = 128 * 4 + 32;
+static_assert(2 * 64 * kStageRow <= 3 * kStageBytes, "the staged tile fits the smallest ring");
+
+template <typename T, typename OutT>
+__device__ __forceinline__ void bulk_reduce_tile(const GroupedGemmParams<T, OutT, float>& p,
+                                                 const float (&acc)[64], uint32_t smem, int c,
+                                                 int64_t seg, const int* grows, int64_t m0,
+                                                 int64_t M, int64_t n0, int64_t N, int lr) {
+#if STOCHGATE_SM90_BODY
+  const int tid = threadIdx.x, lane = tid % 32, wg = tid / 128;
+  __syncthreads();  // both warpgroups' wgmma reads of the ring are over
+  const uint32_t stage = smem + wg * 64 * kStageRow;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = lr + 8 * h;
+    const int64_t m = m0 + wg * 64 + r;
+    const float gate = p.scale_by_gate && m < M ? p.pair_gate[seg + m] : 1.f;
+#pragma unroll
+    for (int q = 0; q < 16; ++q) {
+      const int n = q * 8 + (lane % 4) * 2;
+      float v0 = acc[4 * q + 2 * h], v1 = acc[4 * q + 2 * h + 1];
+      if (p.bias != nullptr) {
+        const T* bias = p.bias + c * p.bias_group_stride + n0 + n;
+        if (n0 + n < N) v0 += static_cast<float>(bias[0]);
+        if (n0 + n + 1 < N) v1 += static_cast<float>(bias[1]);
+      }
+      const uint32_t at = stage + static_cast<uint32_t>(r * kStageRow + n * 4);
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at),
+                   "f"(v0 * gate), "f"(v1 * gate)
+                   : "memory");
+    }
+  }
+  fence_proxy_async();  // the stores above, visible to the bulk copies' (async-proxy) reads
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // this warpgroup's rows staged
+  const int r = tid % 128;
+  if (r < 64) {
+    const int64_t m = m0 + wg * 64 + r;
+    if (m < M) {
+      float* dst = p.out + c * p.out_group_stride + static_cast<int64_t>(grows[m]) * p.ldo + n0;
+      const uint32_t bytes = static_cast<uint32_t>((N - n0 < BN ? N - n0 : BN) * 4);
+      const uint32_t src = stage + static_cast<uint32_t>(r * kStageRow);
+      asm volatile(
+          "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
+              __cvta_generic_to_global(dst)),
+          "r"(src), "r"(bytes)
+          : "memory");
+    }
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  }
+#else
+  (void)p, (void)acc, (void)smem, (void)c, (void)seg, (void)grows, (void)m0, (void)M, (void)n0,
+      (void)N, (void)lr;
+#endif
+}
+
 // LAG: how many steps' wgmma a warpgroup leaves running when it goes on to the next step
 // (1: the tensor cores always have the next step queued; the ring then keeps one stage for
 // the step still being read, and loads run STAGES - 2 steps ahead. 0: each step's wgmma is
@@ -308,17 +372,24 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 
     // Accumulator layout of wgmma m64nNk16: warp w of the warpgroup holds rows 16 w + lane / 4
     // (registers 4 q + 0, 1) and + 8 (4 q + 2, 3), columns 8 q + 2 (lane % 4) + 0, 1.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t m = m0 + wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
-      const auto row = detail::out_row(p, c, seg, grows, m, M);
-#pragma unroll
-      for (int q = 0; q < 16; ++q) {
-        const int64_t n = n0 + q * 8 + (lane % 4) * 2;
-        detail::put2(p, row, c, n, N, acc[4 * q + 2 * h], acc[4 * q + 2 * h + 1]);
+    const int lr = (warp % 4) * 16 + lane / 4;  // this lane's first row within the warpgroup's 64
+    if constexpr (std::is_same_v<OutT, float>) {
+      if (p.out_rows == OutRows::kGatheredAdd && p.red_mode == kRedBulk) {
+        bulk_reduce_tile(p, acc, smem, c, seg, grows, m0, M, n0, N, lr);
+        continue;
       }
     }
+    const int64_t m = m0 + wg * 64 + lr;
+    const auto row0 = detail::out_row(p, c, seg, grows, m, M);
+    const auto row1 = detail::out_row(p, c, seg, grows, m + 8, M);
+#pragma unroll
+    for (int q = 0; q < 16; ++q) {
+      detail::put_frag(p, row0, row1, c, n0 + q * 8, N, acc[4 * q], acc[4 * q + 1], acc[4 * q + 2],
+                       acc[4 * q + 3]);
+    }
   }
+  // kRedBulk: this thread's bulk reductions complete (written, not only read) before it exits.
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 #else
   (void)p;
   (void)level_order;
@@ -360,6 +431,8 @@ bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaSt
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (prop->major != 9 || prop->minor != 0) return false;
   if (p.num_groups <= 0 || p.max_m <= 0 || p.n <= 0) return true;  // nothing to compute
+  GroupedGemmParams<T, OutT, float> q = p;
+  if (q.red_mode == kRedBulk && q.n % 4 != 0) q.red_mode = kRedQuads;  // whole 16-byte rows only
   // Measurement toggles (benchmarks/gpu_sm90.py): ring depth 3 (default: two blocks per SM,
   // 97 KB of shared memory each) or 4 (one block per SM), the wgmma lag (0, default, or 1:
   // see gemm_kernel), and tile order by level (default) or by group. The defaults were the
@@ -373,14 +446,14 @@ bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaSt
   const int sms = prop->multiProcessorCount;
   if (stages != nullptr && std::strcmp(stages, "4") == 0) {
     if (lag0) {
-      sm90::launch<T, OutT, 4, 1, 0>(p, stream, sms, level_order);
+      sm90::launch<T, OutT, 4, 1, 0>(q, stream, sms, level_order);
     } else {
-      sm90::launch<T, OutT, 4, 1, 1>(p, stream, sms, level_order);
+      sm90::launch<T, OutT, 4, 1, 1>(q, stream, sms, level_order);
     }
   } else if (lag0) {
-    sm90::launch<T, OutT, 3, 2, 0>(p, stream, sms, level_order);
+    sm90::launch<T, OutT, 3, 2, 0>(q, stream, sms, level_order);
   } else {
-    sm90::launch<T, OutT, 3, 2, 1>(p, stream, sms, level_order);
+    sm90::launch<T, OutT, 3, 2, 1>(q, stream, sms, level_order);
   }
   return true;
 #endif
