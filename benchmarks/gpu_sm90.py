@@ -43,15 +43,18 @@ B, K, N, CHUNK = 16384, 4096, 4096, 128
 # trading halves) and "bulk" (each tile row as one cp.reduce.async.bulk); "atomic" is the
 # build's default (RED_DEFAULT below, which the other variants leave out).
 # And gated_linear's forward with its zero-fill before the GEMM (STOCHGATE_CUDA_ZERO=serial,
-# up to run 9) against beside it on a forked stream (the default since run 10).
-RED_DEFAULT = "pairs"
+# up to run 9) against beside it on a forked stream (the default since run 10); run 11 the
+# products with an M/N-major operand (dx, dh, the dweights) on the wgmma kernel (default) or,
+# STOCHGATE_SM90_MN=0, on the mma.sync kernel as up to run 10.
+RED_DEFAULT = "bulk"  # since run 11 (run 10: "pairs")
 _BASE = {"STOCHGATE_CUDA_GEMM": "auto", "STOCHGATE_SM90_STAGES": "3", "STOCHGATE_SM90_ORDER": "level",
          "STOCHGATE_SM90_LAG": "0", "STOCHGATE_CUDA_REDUCE": "atomic", "STOCHGATE_CUDA_REDUCE_BYTES": "",
-         "STOCHGATE_CUDA_RED": "", "STOCHGATE_CUDA_ZERO": ""}
+         "STOCHGATE_CUDA_RED": "", "STOCHGATE_CUDA_ZERO": "", "STOCHGATE_SM90_MN": ""}
 VARIANTS = {"partials": {**_BASE, "STOCHGATE_CUDA_REDUCE": "partials"},
             "atomic": _BASE,
             **{f"atomic_{m}": {**_BASE, "STOCHGATE_CUDA_RED": m} for m in ("pairs", "quads", "bulk") if m != RED_DEFAULT},
-            "zero_serial": {**_BASE, "STOCHGATE_CUDA_ZERO": "serial"}}
+            "zero_serial": {**_BASE, "STOCHGATE_CUDA_ZERO": "serial"},
+            "mn_mma": {**_BASE, "STOCHGATE_SM90_MN": "0"}}
 
 
 def use(variant: str) -> None:

@@ -212,6 +212,7 @@ _SM90_LABELS = {"sm90_s3_lag0": "wgmma, 3 stages, lag 0 (default)", "sm90_s3": "
                 "atomic_quads": "fp32 atomics, 4-column reductions",
                 "atomic_bulk": "fp32 atomics, bulk row reductions",
                 "zero_serial": "zero-fill before the GEMM",
+                "mn_mma": "dx, dh, dweight on mma.sync",
                 "partials": "partials in chunk order (deterministic mode)"}
 
 

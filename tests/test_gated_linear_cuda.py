@@ -456,30 +456,43 @@ HOPPER_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_hopper_and_mma_kernels(monkeypatch, dtype, shape):
-    """Both GEMM kernels of the K-major products (gated_linear's forward, gated_input_linear's
-    partials) against the reference: the wgmma one (the default on an H100/H200) in each ring
-    configuration (3 or 4 stages, wgmma lag 1 or 0) and the mma.sync one
-    (STOCHGATE_CUDA_GEMM=mma; on other GPUs every run takes it)."""
+    """Both GEMM kernels of every product against the reference: the wgmma one (the default on
+    an H100/H200) in each ring configuration of the K-major products (3 or 4 stages, wgmma lag
+    1 or 0; gated_linear's forward, gated_input_linear's per-chunk products), with the products
+    that have an M/N-major operand (dx, dh, both dweights) on it or, STOCHGATE_SM90_MN=0, on the
+    mma.sync kernel, and the mma.sync one for everything (STOCHGATE_CUDA_GEMM=mma; on other GPUs
+    every run takes it)."""
     B, K, N, C = shape
     x, w, b, gates = _linear_data(B, K, N, C, dtype, density=0.6)
     if B >= 1000:  # every other chunk keeps a quarter of its rows: groups of unequal tile counts
         gates[B // 4 :, ::2] = 0
     h, w2, b2, _ = _input_linear_data(B, K, N, C, dtype)
-    ref64 = R.gated_linear(x.double(), w.double(), b.double(), gates)
-    ref_lp = R.gated_linear(x, w, b, gates)
-    ref2_64 = R.gated_input_linear(h.double(), w2.double(), b2.double(), gates)
-    ref2_lp = R.gated_input_linear(h, w2, b2, gates)
+    dy = torch.randn(B, N, device="cuda").to(dtype)
+    dy2 = torch.randn(B, K, device="cuda").to(dtype)
+    ref64 = _ref_linear(x, w, b, gates, dy, "full", torch.float64)
+    ref_lp = _ref_linear(x, w, b, gates, dy, "full", dtype)
+    ref2_64 = _ref_input_linear(h, w2, b2, gates, dy2, torch.float64)
+    ref2_lp = _ref_input_linear(h, w2, b2, gates, dy2, dtype)
     off = (gates == 0).repeat_interleave(N // C, dim=1)
-    for path, stages, lag in (("auto", "3", "1"), ("auto", "4", "1"), ("auto", "3", "0"), ("auto", "4", "0"),
-                              ("mma", "3", "1")):
+    for path, stages, lag, mn in (("auto", "3", "1", "1"), ("auto", "4", "1", "1"), ("auto", "3", "0", "1"),
+                                  ("auto", "4", "0", "1"), ("auto", "3", "0", "0"), ("mma", "3", "1", "1")):
         monkeypatch.setenv("STOCHGATE_CUDA_GEMM", path)
         monkeypatch.setenv("STOCHGATE_SM90_STAGES", stages)
         monkeypatch.setenv("STOCHGATE_SM90_LAG", lag)
-        path = f"{path}, {stages} stages, lag {lag}"
+        monkeypatch.setenv("STOCHGATE_SM90_MN", mn)
+        path = f"{path}, {stages} stages, lag {lag}, M/N-major on wgmma {mn}"
         y = ops.gated_linear(x, w, b, gates)
-        _check(f"y ({path})", y, ref64, ref_lp, dtype)
+        _check(f"y ({path})", y, ref64[0], ref_lp[0], dtype)
         assert (y[off] == 0).all(), path
-        _check(f"gated_input_linear ({path})", ops.gated_input_linear(h, w2, b2, gates), ref2_64, ref2_lp, dtype)
+        dx, dw, db, _ = ops.gated_linear_backward(dy, x, w, b, gates, [True, True, True, False], False)
+        for name, got, i in (("dx", dx, 1), ("dweight", dw, 2), ("dbias", db, 3)):
+            _check(f"{name} ({path})", got, ref64[i], ref_lp[i], dtype)
+        _check(f"gated_input_linear ({path})", ops.gated_input_linear(h, w2, b2, gates), ref2_64[0], ref2_lp[0],
+               dtype)
+        dh, dw2, db2 = ops.gated_input_linear_backward(dy2, h, w2, gates, [True, True, True])
+        for name, got, i in (("dh", dh, 1), ("dweight2", dw2, 2), ("dbias2", db2, 3)):
+            _check(f"{name} ({path})", got, ref2_64[i], ref2_lp[i], dtype)
+        assert (dh[off] == 0).all(), path
 
 
 @pytest.mark.parametrize("zero", ["overlap", "serial"])

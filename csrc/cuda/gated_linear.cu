@@ -67,9 +67,8 @@ STOCHGATE_GATED_GEMM_LAYOUTS(extern, double, double)
 int red_mode_from_env() {
   const char* v = std::getenv("STOCHGATE_CUDA_RED");
   if (v != nullptr && std::strcmp(v, "pairs") == 0) return kRedPairs;
-  if (v != nullptr && std::strcmp(v, "bulk") == 0) return kRedBulk;
   if (v != nullptr && std::strcmp(v, "quads") == 0) return kRedQuads;
-  return kRedPairs;
+  return kRedBulk;
 }
 }  // namespace gated
 

@@ -90,13 +90,15 @@ struct GroupedGemmParams {
   int red_mode = 0;
 };
 
-// How the kGatheredAdd epilogues add into the accumulator. kPairs: one red.global.add.v2.f32
-// per mma fragment pair (2 columns of one row); kQuads: lanes l and l ^ 1 swap halves of their
-// fragments with a shuffle, so that each issues one red.global.add.v4.f32 (4 columns of one
-// row, 16-byte aligned); kBulk (the Hopper kernel only; the mma.sync kernel takes kQuads): the
-// tile is staged in shared memory and each row's 128 columns go out as one bulk reduction
+// How the kGatheredAdd epilogues add into the accumulator. kRedPairs: one red.global.add.v2.f32
+// per mma fragment pair (2 columns of one row); kRedQuads: lanes l and l ^ 1 swap halves of
+// their fragments with a shuffle, so that each issues one red.global.add.v4.f32 (4 columns of
+// one row, 16-byte aligned); kRedBulk (default; on GPUs older than sm_90 it runs as kRedQuads):
+// the tile is staged in shared memory and each row's 128 columns go out as one bulk reduction
 // (cp.reduce.async.bulk .add.f32, 512 bytes) issued by one thread. STOCHGATE_CUDA_RED picks
-// one (pairs | quads | bulk); benchmarks/GPU_NOTES.md has their rates.
+// one (pairs | quads | bulk). On an H100 (benchmarks/GPU_NOTES.md, run 10) quads were no faster
+// than pairs -- a warp's reductions still touch 8 rows -- and bulk was 15-20% faster for
+// gated_input_linear's forward: the L2 adds whole rows at a time.
 enum RedMode : int { kRedPairs = 0, kRedQuads = 1, kRedBulk = 2 };
 
 
@@ -111,14 +113,14 @@ enum RedMode : int { kRedPairs = 0, kRedQuads = 1, kRedBulk = 2 };
   PREFIX template void launch_grouped_gemm<T, OutT, false, false>(                         \
       const GroupedGemmParams<T, OutT, acc_of<T>>&, cudaStream_t);
 
-// The Hopper path of the (K-major A, K-major B) layout for half and bfloat16 (gated_linear's
-// forward product and gated_input_linear's per-chunk partials): wgmma tensor cores fed by a
-// cp.async pipeline over a persistent grid (gated_linear_sm90.cu). Returns false, having done
-// nothing, where it does not apply -- a GPU other than compute capability 9.0, a build without
-// sm_90a code, operands that are not whole 16-byte vectors, an N or K extent taken from the
-// pair counts, or STOCHGATE_CUDA_GEMM=mma in the environment (which keeps the mma.sync kernel
-// below, for comparisons) -- and launch_grouped_gemm then runs the mma.sync kernel.
-template <typename T, typename OutT>
+// The Hopper path of every layout for half and bfloat16: wgmma tensor cores fed by a cp.async
+// pipeline over a persistent grid (gated_linear_sm90.cuh). Returns false, having done nothing,
+// where it does not apply -- a GPU other than compute capability 9.0, a build without sm_90a
+// code, operands that are not whole 16-byte vectors, an N extent taken from the pair counts,
+// STOCHGATE_CUDA_GEMM=mma in the environment (which keeps the mma.sync kernel below, for
+// comparisons) or, for the layouts with an M/N-major operand, STOCHGATE_SM90_MN=0 -- and
+// launch_grouped_gemm then runs the mma.sync kernel.
+template <typename T, typename OutT, bool AK, bool BK>
 bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaStream_t stream);
 
 // Launches the grouped GEMM on `stream` (grid: x = group, y = M tile, z = N tile; tiles past
@@ -128,8 +130,7 @@ bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaSt
 template <typename T, typename OutT, bool AK, bool BK>
 void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStream_t stream);
 
-// The RedMode named by STOCHGATE_CUDA_RED (pairs | quads | bulk); unset: the default
-// (gated_linear.cu says which and why).
+// The RedMode named by STOCHGATE_CUDA_RED (pairs | quads | bulk); unset: kRedBulk.
 int red_mode_from_env();
 
 // ---------------------------------------------------------------------------------------
@@ -351,6 +352,79 @@ __device__ __forceinline__ void put2(const GroupedGemmParams<T, OutT, AccT>& p,
   *reinterpret_cast<Two*>(r.ptr + n) = two;
 }
 
+// kRedBulk epilogues (sm_90 and later; both GEMM kernels): a tile's fp32 sums, scaled (and
+// biased) as put_frag would, are staged in shared memory at kBulkRow bytes per row (512 + 32:
+// the v2 stores of a half-warp's 4 rows then fall in distinct banks), then each row of the
+// tile is added into its gathered accumulator row by one bulk reduction (cp.reduce.async.bulk:
+// the copy engine reads shared memory and the L2 adds whole lines) issued by one thread. Needs
+// N % 4 == 0 and 16-byte-aligned rows (launch_grouped_gemm falls back to kRedQuads).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define STOCHGATE_BULK_RED 1
+#else
+#define STOCHGATE_BULK_RED 0
+#endif
+constexpr int kBulkRow = 128 * 4 + 32;
+
+// Stages outputs n0 + n and n0 + n + 1 of a row (n even, n0 + n < N) at shared address row_at.
+template <typename T, typename OutT, typename AccT>
+__device__ __forceinline__ void bulk_stage2(const GroupedGemmParams<T, OutT, AccT>& p, uint32_t row_at,
+                                            int c, int64_t n0, int n, int64_t N, float v0, float v1,
+                                            float gate) {
+  if (p.bias != nullptr) {
+    const T* bias = p.bias + c * p.bias_group_stride + n0 + n;
+    if (n0 + n < N) v0 += static_cast<float>(bias[0]);
+    if (n0 + n + 1 < N) v1 += static_cast<float>(bias[1]);
+  }
+#if STOCHGATE_BULK_RED
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(row_at + static_cast<uint32_t>(n * 4)),
+               "f"(v0 * gate), "f"(v1 * gate)
+               : "memory");
+#else
+  (void)row_at, (void)v0, (void)v1, (void)gate;
+#endif
+}
+
+// Makes this thread's shared-memory stores visible to the bulk copies issued after the next
+// barrier (they read through the async proxy).
+__device__ __forceinline__ void bulk_fence() {
+#if STOCHGATE_BULK_RED
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// One thread: adds the staged row at shared address src (bytes: a multiple of 16) into dst,
+// then waits until the copy engine has read it (the staging area may then be reused; the
+// additions themselves complete asynchronously: see bulk_wait_all).
+__device__ __forceinline__ void bulk_add_row(float* dst, uint32_t src, uint32_t bytes) {
+#if STOCHGATE_BULK_RED
+  if (dst != nullptr) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
+                     __cvta_generic_to_global(dst)),
+                 "r"(src), "r"(bytes)
+                 : "memory");
+  }
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#else
+  (void)dst, (void)src, (void)bytes;
+#endif
+}
+
+// Before a thread that issued bulk reductions exits: they have completed.
+__device__ __forceinline__ void bulk_wait_all() {
+#if STOCHGATE_BULK_RED
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// The accumulator row of tile row m (nullptr past M) and the gate it is scaled by.
+template <typename T, typename OutT, typename AccT>
+__device__ __forceinline__ float* bulk_row(const GroupedGemmParams<T, OutT, AccT>& p, int c, int64_t seg,
+                                           const int* grows, int64_t m, int64_t M, int64_t n0) {
+  if (m >= M) return nullptr;
+  return p.out + c * p.out_group_stride + static_cast<int64_t>(grows[m]) * p.ldo + n0;
+}
+
 // One tensor-core accumulator fragment (mma.m16n8k16 and wgmma m64nNk16 share the layout):
 // this lane's (a0, a1) at row r0, columns n8 + 2 (lane % 4) + 0, 1 and (b0, b1) at row r1
 // (8 rows below), same columns; n8 is the fragment's first column. Called by whole warps
@@ -510,6 +584,36 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
 
     // Accumulator layout of mma.m16n8k16: c0, c1 at (row lane/4, cols 2*(lane%4) + 0/1),
     // c2, c3 at row lane/4 + 8.
+#if STOCHGATE_BULK_RED
+    if constexpr (std::is_same_v<OutT, float>) {
+      if (p.out_rows == OutRows::kGatheredAdd && p.red_mode == kRedBulk) {
+        // The whole 128 x 128 tile staged from the start of dynamic shared memory (the launch
+        // sizes it for BM rows of kBulkRow bytes), once every warp is done with the operands.
+        const uint32_t stage = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+        __syncthreads();
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = wm * WM + mi * 16 + lane / 4 + h * 8;
+            const float gate = p.scale_by_gate && m0 + r < M ? p.pair_gate[seg + m0 + r] : 1.f;
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+              bulk_stage2(p, stage + r * kBulkRow, c, n0, wn * WN + ni * 8 + (lane % 4) * 2, N,
+                          acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], gate);
+            }
+          }
+        bulk_fence();
+        __syncthreads();
+        if (threadIdx.x < BM) {
+          const uint32_t bytes = static_cast<uint32_t>((N - n0 < BN ? N - n0 : BN) * 4);
+          bulk_add_row(bulk_row(p, c, seg, grows, m0 + threadIdx.x, M, n0), stage + threadIdx.x * kBulkRow, bytes);
+          bulk_wait_all();
+        }
+        return;
+      }
+    }
+#endif
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
       const int64_t m = m0 + wm * WM + mi * 16 + lane / 4;
@@ -597,12 +701,18 @@ void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStr
                        p.out_group_stride % 4 == 0
                    ? red_mode_from_env()
                    : kRedPairs;
-  if constexpr (AK && BK && detail::kTensorCores<T>) {
-    if (launch_grouped_gemm_sm90<T, OutT>(q, stream)) return;
+  // Bulk reductions move whole 16-byte vectors of a row: a fixed N that is a multiple of 4.
+  if (q.red_mode == kRedBulk && (p.n == kFromCount || p.n % 4 != 0)) q.red_mode = kRedQuads;
+  if constexpr (detail::kTensorCores<T>) {
+    if (launch_grouped_gemm_sm90<T, OutT, AK, BK>(q, stream)) return;
   }
-  constexpr int smem = detail::smem_bytes<T, AK, BK>();
+  constexpr int operand_smem = detail::smem_bytes<T, AK, BK>();
+  // kRedBulk stages the output tile where the operands were (tensor-core kernels only).
+  const int smem = q.red_mode == kRedBulk && detail::kTensorCores<T>
+                       ? std::max(operand_smem, Cfg::BM * detail::kBulkRow)
+                       : operand_smem;
   auto kernel = detail::grouped_gemm_kernel<T, OutT, AK, BK>;
-  if constexpr (smem > 48 * 1024) {
+  if (smem > 48 * 1024) {
     // Not a stream operation: legal during CUDA graph capture.
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
