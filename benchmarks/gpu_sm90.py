@@ -1,4 +1,4 @@
-"""The Hopper GEMM path (csrc/cuda/gated_linear_sm90.cu) against the mma.sync kernel, in one
+"""The Hopper GEMM path (csrc/cuda/gated_linear_sm90.cuh) against the mma.sync kernel, in one
 process on a compute-capability-9.0 GPU: first correctness of both against a float64 reference
 on awkward shapes, then timings interleaved with dense cuBLAS at the issue's shape
 (bf16, B=16384, K=N=4096, chunk 128), each op eager and replayed from a captured CUDA graph.

@@ -15,9 +15,11 @@
 //
 // Compute: the grouped gathered GEMM of gated_linear.cuh, one group per chunk.
 //   gated_linear        y[rows_c, chunk c] = g * (x[rows_c] @ W[chunk c].T + b[chunk c]),
-//                       off chunks written as zeros by zero_inactive_kernel.
-//   gated_input_linear  per chunk the product h[rows_c, chunk c] @ W[:, c].T, added by fp32
-//                       atomics into an accumulator (B, M) (or slices of M), then
+//                       off chunks written as zeros by zero_inactive_kernel (beside the
+//                       GEMM, on the current stream while the GEMM runs on a forked one).
+//   gated_input_linear  per chunk the product h[rows_c, chunk c] @ W[:, c].T, added at the L2
+//                       (bulk reductions of whole tile rows; fp32 atomics on GPUs older than
+//                       sm_90) into an fp32 accumulator (B, M) (or slices of M), then
 //                       y = bias + accumulator (row_reduce(); the order of the additions
 //                       varies). Deterministic mode (torch.use_deterministic_algorithms):
 //                       per chunk a (pairs, M) fp32 partial, then y[b] = bias + the partials
@@ -30,10 +32,10 @@
 //                       reduction of dy * pre (pre dense via cuBLAS for full_gate_grad, else
 //                       recomputed on active pairs only).
 //
-// Status: tested on an H100 (benchmarks/GPU_NOTES.md: correct, memcheck clean). On Hopper the
-// K-major products (gated_linear's forward, gated_input_linear's partials) run the wgmma
-// kernel of gated_linear_sm90.cu (38-53% of cuBLAS), the others the mma.sync kernel (~23%);
-// the row reductions were bound by the partial-sum traffic before the atomic accumulator.
+// Status: tested on an H100 (benchmarks/GPU_NOTES.md, run 11: correct, racecheck clean). On
+// Hopper every half/bfloat16 product runs the wgmma kernel of gated_linear_sm90.cuh (the
+// forward GEMM at 45-50% of cuBLAS, the dweights ~30%), other GPUs the mma.sync kernel (~23% on
+// an H100); the row reductions are bound by the L2's rate of adding gathered rows (~2 TB/s).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

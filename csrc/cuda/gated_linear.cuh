@@ -28,8 +28,9 @@
 //     out[c * out_group_stride + row(m) * ldo + n]
 // with row(m) = m (kPlain), seg + m (kPair: one row per pair, a partial-sum buffer) or
 // rows[seg + m] (kGathered: scatter back to the tensor row; kGatheredAdd: the same row, the
-// value added to what is there by an fp32 atomic, so that the groups of a row reduction sum
-// on the device's L2 instead of through a partial buffer -- OutT float only), after adding
+// value added to what is there by the L2 (fp32 vector atomics or bulk reductions: RedMode),
+// so that the groups of a row reduction sum there instead of through a partial buffer --
+// OutT float only), after adding
 // bias[c * bias_group_stride + n] and multiplying by pair_gate[seg + m] when asked.
 #pragma once
 
