@@ -70,7 +70,9 @@ int red_mode_from_env() {
   const char* v = std::getenv("STOCHGATE_CUDA_RED");
   if (v != nullptr && std::strcmp(v, "pairs") == 0) return kRedPairs;
   if (v != nullptr && std::strcmp(v, "quads") == 0) return kRedQuads;
-  return kRedBulk;
+  // Bulk reductions need sm_90; elsewhere the kernels would only stage the tile for nothing
+  // (and the mma.sync kernel would ask for shared memory it does not use).
+  return at::cuda::getCurrentDeviceProperties()->major >= 9 ? kRedBulk : kRedQuads;
 }
 }  // namespace gated
 

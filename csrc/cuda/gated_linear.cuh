@@ -131,7 +131,8 @@ bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaSt
 template <typename T, typename OutT, bool AK, bool BK>
 void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStream_t stream);
 
-// The RedMode named by STOCHGATE_CUDA_RED (pairs | quads | bulk); unset: kRedBulk.
+// The RedMode named by STOCHGATE_CUDA_RED (pairs | quads | bulk); unset: kRedBulk on sm_90
+// and later, kRedQuads on older GPUs.
 int red_mode_from_env();
 
 // ---------------------------------------------------------------------------------------
