@@ -87,7 +87,7 @@ struct GroupedGemmParams {
   bool scale_by_gate = false;
   bool out_pair = false;  // set by launch_grouped_gemm: (n, n + 1) outputs stored as one vector
   // kGatheredAdd only, set by launch_grouped_gemm: how a tile's fp32 sums reach the
-  // accumulator (see RedMode); kPairs where out, ldo or out_group_stride are not 4-aligned.
+  // accumulator (see RedMode); kRedPairs where out, ldo or out_group_stride are not 4-aligned.
   int red_mode = 0;
 };
 
@@ -419,7 +419,7 @@ __device__ __forceinline__ void bulk_wait_all() {
 #endif
 }
 
-// The accumulator row of tile row m (nullptr past M) and the gate it is scaled by.
+// The accumulator row (from column n0) of tile row m; nullptr past M.
 template <typename T, typename OutT, typename AccT>
 __device__ __forceinline__ float* bulk_row(const GroupedGemmParams<T, OutT, AccT>& p, int c, int64_t seg,
                                            const int* grows, int64_t m, int64_t M, int64_t n0) {
