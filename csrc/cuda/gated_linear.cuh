@@ -294,6 +294,13 @@ struct OutRow {
   AccT gate = AccT(1);
 };
 
+// The gate tile row m is scaled by: its pair's gate when scaling, else 1 (also past M).
+template <typename T, typename OutT, typename AccT>
+__device__ __forceinline__ AccT row_gate(const GroupedGemmParams<T, OutT, AccT>& p, int64_t seg,
+                                         int64_t m, int64_t M) {
+  return p.scale_by_gate && m < M ? p.pair_gate[seg + m] : AccT(1);
+}
+
 template <typename T, typename OutT, typename AccT>
 __device__ __forceinline__ OutRow<OutT, AccT> out_row(const GroupedGemmParams<T, OutT, AccT>& p,
                                                       int c, int64_t seg, const int* grows,
@@ -304,7 +311,7 @@ __device__ __forceinline__ OutRow<OutT, AccT> out_row(const GroupedGemmParams<T,
   if (p.out_rows == OutRows::kPair) row = seg + m;
   if (p.out_rows == OutRows::kGathered || p.out_rows == OutRows::kGatheredAdd) row = grows[m];
   r.ptr = p.out + c * p.out_group_stride + row * p.ldo;
-  if (p.scale_by_gate) r.gate = p.pair_gate[seg + m];
+  r.gate = row_gate(p, seg, m, M);
   return r;
 }
 
@@ -386,20 +393,23 @@ __device__ __forceinline__ void bulk_stage2(const GroupedGemmParams<T, OutT, Acc
 #endif
 }
 
-// Makes this thread's shared-memory stores visible to the bulk copies issued after the next
-// barrier (they read through the async proxy).
-__device__ __forceinline__ void bulk_fence() {
+// Makes this thread's ordinary (generic-proxy) shared-memory writes, cp.async's included,
+// visible to the async-proxy reads that follow the next barrier: the wgmma tensor cores'
+// (gated_linear_sm90.cuh) and the bulk copies'.
+__device__ __forceinline__ void fence_proxy_async() {
 #if STOCHGATE_BULK_RED
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 
-// One thread: adds the staged row at shared address src (bytes: a multiple of 16) into dst,
-// then waits until the copy engine has read it (the staging area may then be reused; the
-// additions themselves complete asynchronously: see bulk_wait_all).
-__device__ __forceinline__ void bulk_add_row(float* dst, uint32_t src, uint32_t bytes) {
+// One thread: adds the staged row at shared address src into dst (nullptr: nothing to add):
+// its first min(cols, 128) values (cols = the output columns left from the tile's first, a
+// multiple of 4). Then waits until the copy engine has read the row (the staging area may
+// then be reused; the additions themselves complete asynchronously: see bulk_wait_all).
+__device__ __forceinline__ void bulk_add_row(float* dst, uint32_t src, int64_t cols) {
 #if STOCHGATE_BULK_RED
   if (dst != nullptr) {
+    const uint32_t bytes = static_cast<uint32_t>((cols < 128 ? cols : 128) * 4);
     asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
                      __cvta_generic_to_global(dst)),
                  "r"(src), "r"(bytes)
@@ -408,7 +418,7 @@ __device__ __forceinline__ void bulk_add_row(float* dst, uint32_t src, uint32_t 
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 #else
-  (void)dst, (void)src, (void)bytes;
+  (void)dst, (void)src, (void)cols;
 #endif
 }
 
@@ -417,14 +427,6 @@ __device__ __forceinline__ void bulk_wait_all() {
 #if STOCHGATE_BULK_RED
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 #endif
-}
-
-// The accumulator row (from column n0) of tile row m; nullptr past M.
-template <typename T, typename OutT, typename AccT>
-__device__ __forceinline__ float* bulk_row(const GroupedGemmParams<T, OutT, AccT>& p, int c, int64_t seg,
-                                           const int* grows, int64_t m, int64_t M, int64_t n0) {
-  if (m >= M) return nullptr;
-  return p.out + c * p.out_group_stride + static_cast<int64_t>(grows[m]) * p.ldo + n0;
 }
 
 // One tensor-core accumulator fragment (mma.m16n8k16 and wgmma m64nNk16 share the layout):
@@ -598,18 +600,18 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int r = wm * WM + mi * 16 + lane / 4 + h * 8;
-            const float gate = p.scale_by_gate && m0 + r < M ? p.pair_gate[seg + m0 + r] : 1.f;
+            const float gate = row_gate(p, seg, m0 + r, M);
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni) {
               bulk_stage2(p, stage + r * kBulkRow, c, n0, wn * WN + ni * 8 + (lane % 4) * 2, N,
                           acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], gate);
             }
           }
-        bulk_fence();
+        fence_proxy_async();
         __syncthreads();
         if (threadIdx.x < BM) {
-          const uint32_t bytes = static_cast<uint32_t>((N - n0 < BN ? N - n0 : BN) * 4);
-          bulk_add_row(bulk_row(p, c, seg, grows, m0 + threadIdx.x, M, n0), stage + threadIdx.x * kBulkRow, bytes);
+          const auto row = out_row(p, c, seg, grows, m0 + threadIdx.x, M);
+          bulk_add_row(row.ptr != nullptr ? row.ptr + n0 : nullptr, stage + threadIdx.x * kBulkRow, N - n0);
           bulk_wait_all();
         }
         return;

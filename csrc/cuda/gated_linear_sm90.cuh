@@ -151,13 +151,7 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
-// Makes this thread's ordinary (generic-proxy) shared-memory writes, cp.async's included,
-// visible to the tensor cores' (async-proxy) reads that follow the next barrier.
-__device__ __forceinline__ void fence_proxy_async() {
-#if STOCHGATE_SM90_BODY
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
+using detail::fence_proxy_async;
 // Tells the compiler that the accumulators may have changed here (after wgmma_wait): their
 // reads must not move above it.
 __device__ __forceinline__ void fence_acc(float (&d)[64]) {
@@ -292,21 +286,19 @@ __device__ __forceinline__ void bulk_reduce_tile(const GroupedGemmParams<T, OutT
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = lr + 8 * h;
-    const int64_t m = m0 + wg * 64 + r;
-    const float gate = p.scale_by_gate && m < M ? p.pair_gate[seg + m] : 1.f;
+    const float gate = detail::row_gate(p, seg, m0 + wg * 64 + r, M);
 #pragma unroll
     for (int q = 0; q < 16; ++q) {
       detail::bulk_stage2(p, stage + r * detail::kBulkRow, c, n0, q * 8 + (lane % 4) * 2, N,
                           acc[4 * q + 2 * h], acc[4 * q + 2 * h + 1], gate);
     }
   }
-  detail::bulk_fence();
+  fence_proxy_async();
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // this warpgroup's rows staged
   const int r = tid % 128;
   if (r < 64) {
-    const uint32_t bytes = static_cast<uint32_t>((N - n0 < BN ? N - n0 : BN) * 4);
-    detail::bulk_add_row(detail::bulk_row(p, c, seg, grows, m0 + wg * 64 + r, M, n0),
-                         stage + r * detail::kBulkRow, bytes);
+    const auto row = detail::out_row(p, c, seg, grows, m0 + wg * 64 + r, M);
+    detail::bulk_add_row(row.ptr != nullptr ? row.ptr + n0 : nullptr, stage + r * detail::kBulkRow, N - n0);
   }
 }
 
