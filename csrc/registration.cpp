@@ -7,6 +7,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cpu/gated_amx.h"
+
 TORCH_LIBRARY(stochgate, m) {
   // Sampling estimators. `key` is an int64 tensor (seed, offset) drawn from a
   // torch.Generator; element i uses Philox group i / 4 (csrc/common/philox.h).
@@ -57,4 +59,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   });
+  m.def("cpu_amx_available", &stochgate::amx::available,
+        "whether bfloat16 gated matmuls with chunk >= 16 can run on AMX here (oneDNN's brgemm)");
+  m.def("cpu_amx_calls", &stochgate::amx::calls, "op calls that have run the AMX kernels in this process");
 }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import stochgate
+from stochgate import _C
 from stochgate import reference as R
 
 CUDA = pytest.mark.cuda
@@ -180,6 +181,77 @@ def test_cpu_row_kernels_block_major(monkeypatch, shape, blocks, threads):
     B, K, N, chunk, density = shape
     with _num_threads(threads):
         _check_float32_kernels((B, K, N, N // chunk), density=density, empty_row=True)
+
+
+# bfloat16 on CPUs with AMX (csrc/cpu/gated_amx.cpp): chunks >= 16 run oneDNN's brgemm on
+# tiles of up to 32 active rows. Shapes (B, K, N, C) that reach its tails: more than 32 active
+# rows in a chunk and odd counts, odd K and odd chunks (the packed pairs' zero column), chunks
+# wider than a unit block (256: chunk 300 and 512), output widths past a 256-column block with a
+# tail (K, M = 300 / 600), one chunk and one row. Both ops, every gradient, both gate gradients,
+# against float64 within a multiple of PyTorch's own bfloat16 error; also with
+# STOCHGATE_CPU_AMX=0 (the float32 route), and the number of calls that took the AMX kernels.
+AMX = pytest.mark.skipif(not _C.cpu_amx_available(), reason="needs a CPU with AMX (bfloat16 brgemm)")
+AMX_SHAPES = [(70, 37, 96, 2), (1, 64, 16, 1), (45, 130, 600, 2), (33, 300, 38, 2), (9, 19, 512, 1), (64, 600, 272, 16)]
+
+
+@AMX
+@pytest.mark.parametrize("shape", AMX_SHAPES)
+@pytest.mark.parametrize("density", [0.4, 1.0])
+@pytest.mark.parametrize("amx", ["", "0"])
+def test_cpu_amx_bfloat16(monkeypatch, shape, density, amx):
+    monkeypatch.setenv("STOCHGATE_CPU_AMX", amx)
+    B, K, N, C = shape
+    x, w, b, _ = _data(B, K, N, C, "cpu", torch.float64)
+    g = _gates(B, C, density, "cpu", seed=5)
+    dy = torch.randn(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    low = [t.to(torch.bfloat16) for t in (x, w, b)] + [g]
+    calls = _C.cpu_amx_calls()
+    for gate_grad in ("full", "active"):
+        out = _run(stochgate.gated_linear, low, dy.bfloat16(), gate_grad=gate_grad)
+        ref64 = _run(R.gated_linear, [x, w, b, g], dy, gate_grad=gate_grad)
+        ref_low = _run(R.gated_linear, low, dy.bfloat16(), gate_grad=gate_grad)
+        _check_close(out, ref64, ref_low, torch.bfloat16, ["y", "dx", "dweight", "dbias", "dgates"])
+    # gated_input_linear: h (B, N) gated by chunks of N, weight (M = K, N).
+    gen = torch.Generator().manual_seed(7)
+    h, w2 = torch.randn(B, N, generator=gen, dtype=torch.float64), w.t().contiguous()
+    b2 = torch.randn(K, generator=gen, dtype=torch.float64)
+    dy2 = torch.randn(B, K, generator=gen, dtype=torch.float64)
+    low2 = [t.bfloat16() for t in (h, w2, b2)] + [g]
+    out = _run(stochgate.gated_input_linear, low2, dy2.bfloat16(), grads=(1, 1, 1, 0))
+    ref64 = _run(R.gated_input_linear, [h, w2, b2, g], dy2, grads=(1, 1, 1, 0))
+    ref_low = _run(R.gated_input_linear, low2, dy2.bfloat16(), grads=(1, 1, 1, 0))
+    _check_close(out[:4], ref64[:4], ref_low[:4], torch.bfloat16, ["y", "dh", "dweight", "dbias"])
+    assert _C.cpu_amx_calls() - calls == (6 if amx == "" else 0)
+
+
+@AMX
+def test_cpu_amx_nan_and_layouts():
+    """NaN in an active row reaches exactly that row's active outputs; inf in skipped chunks
+    of h and in weight rows of chunks that are off everywhere reaches nothing; non-contiguous
+    and misaligned (odd storage offset) inputs give the contiguous inputs' values."""
+    B, K, N, C = 40, 70, 96, 3
+    x, w, b, _ = _data(B, K, N, C, "cpu", torch.bfloat16)
+    g = _gates(B, C, 0.5, "cpu", seed=2)
+    g[:, 2] = 0
+    on = (g != 0).repeat_interleave(N // C, dim=1)
+    calls = _C.cpu_amx_calls()
+    x_nan = x.clone()
+    x_nan[3] = float("nan")
+    w_inf = w.clone()
+    w_inf[2 * N // C :] = float("inf")
+    y = stochgate.gated_linear(x_nan, w_inf, b, g)
+    assert torch.isnan(y[3][on[3]]).all() and (y[3][~on[3]] == 0).all()
+    rest = torch.arange(B) != 3
+    assert torch.isfinite(y[rest]).all() and (y[rest][~on[rest]] == 0).all()
+    h = torch.randn(B, N).bfloat16().masked_fill(~on, float("inf"))
+    assert torch.isfinite(stochgate.gated_input_linear(h, w.t().contiguous(), None, g)).all()
+    # Layouts: transposed views, and a contiguous view whose data starts 2 bytes into its buffer.
+    base = torch.randn(B * K + 1).bfloat16()
+    x_odd = base[1:].view(B, K)
+    ref = stochgate.gated_linear(x_odd.contiguous(), w, b, g)
+    assert torch.equal(stochgate.gated_linear(x_odd, w, b, g), ref)
+    assert torch.equal(stochgate.gated_linear(x_odd.t().contiguous().t(), w.t().contiguous().t(), b, g), ref)
+    assert _C.cpu_amx_calls() - calls == 5
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -27,6 +27,7 @@
 #endif
 
 #include "../common/checks.h"
+#include "gated_amx.h"
 #include "gated_gemm.h"
 
 namespace stochgate {
@@ -223,6 +224,19 @@ ChunkRouting route_chunks(const RowRouting& rr, int64_t C) {
     }
   });
   return cr;
+}
+
+// The routing as the bfloat16 AMX kernels (gated_amx.h) take it.
+amx::Pairs amx_pairs(const RowRouting& rr, const ChunkRouting& cr) {
+  amx::Pairs p;
+  p.B = static_cast<int64_t>(rr.offsets.size()) - 1;
+  p.C = static_cast<int64_t>(cr.offsets.size()) - 1;
+  p.chunk_off = cr.offsets.data();
+  p.rows = cr.rows.data();
+  p.gate = cr.gate.data();
+  p.row_off = rr.offsets.data();
+  p.chunks = rr.chunks.data();
+  return p;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1479,6 +1493,11 @@ at::Tensor gated_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   check_gated_inputs(op, x_in, "x", w_in, bias_in, gates, /*gate_output_units=*/true);
   const int64_t B = x_in.size(0), K = x_in.size(1), N = w_in.size(0), C = gates.size(1);
   const int64_t chunk = N / C;
+  if (B > 0 && N > 0 && K > 0 && amx::applies(x_in, w_in, bias_in, chunk)) {
+    const RowRouting rr = route_rows(gates);
+    const ChunkRouting cr = route_chunks(rr, C);
+    return amx::gated_linear(x_in, w_in, bias_in, chunk, amx_pairs(rr, cr));
+  }
   auto x = to_compute(x_in);
   auto w = to_compute(w_in);
   at::Tensor bias;
@@ -1603,6 +1622,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const bool need_dx = output_mask[0], need_dw = output_mask[1];
   const bool need_db = output_mask[2] && has_bias, need_dg = output_mask[3];
+  if (B > 0 && N > 0 && K > 0 && amx::applies(x_in, w_in, bias_in, chunk, &grad_y_in)) {
+    const RowRouting rr = route_rows(gates);
+    const ChunkRouting cr = route_chunks(rr, C);
+    return amx::gated_linear_backward(grad_y_in, x_in, w_in, bias_in, gates, chunk, amx_pairs(rr, cr), output_mask,
+                                      full_gate_grad);
+  }
 
   auto x = to_compute(x_in);
   auto w = to_compute(w_in);
@@ -1799,6 +1824,11 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
   check_gated_inputs(op, h_in, "h", w_in, bias_in, gates, /*gate_output_units=*/false);
   const int64_t B = h_in.size(0), N = h_in.size(1), M = w_in.size(0), C = gates.size(1);
   const int64_t chunk = N / C;
+  if (B > 0 && M > 0 && N > 0 && amx::applies(h_in, w_in, bias_in, chunk)) {
+    const RowRouting rr = route_rows(gates);
+    const ChunkRouting cr = route_chunks(rr, C);
+    return amx::gated_input_linear(h_in, w_in, bias_in, chunk, amx_pairs(rr, cr));
+  }
   auto h = to_compute(h_in);
   auto w = to_compute(w_in);
   at::Tensor bias;
@@ -1871,6 +1901,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
   const int64_t chunk = N / C;
   check_gated_grad(op, grad_y_in, h_in, "h", M);
   const bool need_dh = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  if (B > 0 && M > 0 && N > 0 && amx::applies(h_in, w_in, c10::nullopt, chunk, &grad_y_in)) {
+    const RowRouting rr = route_rows(gates);
+    const ChunkRouting cr = route_chunks(rr, C);
+    return amx::gated_input_linear_backward(grad_y_in, h_in, w_in, chunk, amx_pairs(rr, cr), output_mask);
+  }
   auto h = to_compute(h_in);
   auto w = to_compute(w_in);
   auto dy = to_compute(grad_y_in);
