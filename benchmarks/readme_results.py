@@ -267,7 +267,8 @@ def render() -> str:
         parts.extend(_gpu(gpu))
         parts.append("")
     for prefix, title in (("cpu", "CPU"),):
-        order = ["gated_linear_forward", "gated_linear_train", "gated_input_linear_forward", "gated_input_linear_train", "block_train"]
+        base = ["gated_linear_forward", "gated_linear_train", "gated_input_linear_forward", "gated_input_linear_train", "block_train"]
+        order = base + ["bf16_" + name for name in base]
         files = sorted(RESULTS.glob(f"{prefix}_*.json"),
                        key=lambda f: order.index(f.stem[len(prefix) + 1:]) if f.stem[len(prefix) + 1:] in order else len(order))
         if not files:
@@ -278,8 +279,16 @@ def render() -> str:
             parts.append("Machine: the 2-vCPU Intel Xeon VM (AVX-512) this project is developed on, idle apart from the "
                          "benchmark, 2 torch threads. Every ratio compares timings taken in the same run, interleaved.")
             parts.append("")
+        bf16_said = False
         for f in files:
             r = json.loads(f.read_text())
+            if f.stem.startswith(f"{prefix}_bf16_") and not bf16_said:
+                bf16_said = True
+                parts.append("bfloat16: dense `F.linear` runs on this CPU's AMX units (oneDNN), and so do the gated "
+                             "matmuls for chunks of 16 units or more (oneDNN's brgemm micro-kernel on tiles of active "
+                             "rows, `csrc/cpu/gated_amx.cpp`); narrower chunks still compute in float32 (the chunk-1 "
+                             "rows below).")
+                parts.append("")
             parts.extend(_matmul_table(r))
             png = f.with_suffix(".png")
             if png.exists():
@@ -312,6 +321,8 @@ def render() -> str:
 def _command(r: dict) -> str:
     a = r["args"]
     cmd = f"stochgate bench --device {a['device']} --dtype {a['dtype']} --op {a['op']} --mode {a['mode']}"
+    if a.get("chunk") and list(a["chunk"]) != [64, 1]:
+        cmd += " --chunk " + " ".join(str(c) for c in a["chunk"])
     if a.get("no_estimators"):
         cmd += " --no-estimators"
     else:

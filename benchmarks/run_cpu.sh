@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the committed CPU results and the README's "Measured results" section:
-#   bash benchmarks/run_cpu.sh        (about 10 minutes on a quiet 2-core machine)
+#   bash benchmarks/run_cpu.sh        (about 12 minutes on a quiet 2-core machine)
 # Run it on a quiet machine: every ratio is measured within one run, but a busy machine
 # still distorts the threading of both sides.
 set -euo pipefail
@@ -8,11 +8,27 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 R=benchmarks/results
 mkdir -p "$R"
-for op_mode in gated_linear:forward gated_linear:train gated_input_linear:forward gated_input_linear:train block:train; do
-  op=${op_mode%%:*}; mode=${op_mode##*:}
-  extra="--no-estimators --no-train-step"
-  [ "$op_mode" = "gated_linear:forward" ] && extra="--estimator-size 4096"
-  $PY -m stochgate.cli bench --op "$op" --mode "$mode" $extra \
-    --json "$R/cpu_${op}_${mode}.json" --plot "$R/cpu_${op}_${mode}.png" | tee "$R/cpu_${op}_${mode}.txt"
-done
+# PARTS="float32 bfloat16" (default both): which tables to regenerate.
+PARTS=${PARTS:-float32 bfloat16}
+OPS="gated_linear:forward gated_linear:train gated_input_linear:forward gated_input_linear:train block:train"
+if [[ " $PARTS " == *" float32 "* ]]; then
+  for op_mode in $OPS; do
+    op=${op_mode%%:*}; mode=${op_mode##*:}
+    extra="--no-estimators --no-train-step"
+    [ "$op_mode" = "gated_linear:forward" ] && extra="--estimator-size 4096"
+    $PY -m stochgate.cli bench --op "$op" --mode "$mode" $extra \
+      --json "$R/cpu_${op}_${mode}.json" --plot "$R/cpu_${op}_${mode}.png" | tee "$R/cpu_${op}_${mode}.txt"
+  done
+fi
+# bfloat16: chunk 64 runs on AMX where the CPU has it (as dense bfloat16 F.linear does);
+# chunk 1 (forward only) shows the float32 kernels that narrower chunks still take.
+if [[ " $PARTS " == *" bfloat16 "* ]]; then
+  for op_mode in $OPS; do
+    op=${op_mode%%:*}; mode=${op_mode##*:}
+    chunks="64"
+    [ "$op_mode" = "gated_linear:forward" ] && chunks="64 1"
+    $PY -m stochgate.cli bench --dtype bfloat16 --chunk $chunks --op "$op" --mode "$mode" --no-estimators --no-train-step \
+      --json "$R/cpu_bf16_${op}_${mode}.json" --plot "$R/cpu_bf16_${op}_${mode}.png" | tee "$R/cpu_bf16_${op}_${mode}.txt"
+  done
+fi
 $PY benchmarks/readme_results.py

@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        # bfloat16 gated matmuls with chunks of 16 or more run on AMX (oneDNN's brgemm) here
+        "cpu_bf16_amx": bool(stochgate._ops._C.cpu_amx_available()),
     }
     print(json.dumps(info, indent=2))
     return 0
