@@ -187,7 +187,8 @@ def test_cpu_row_kernels_block_major(monkeypatch, shape, blocks, threads):
 # tiles of up to 32 active rows. Shapes (B, K, N, C) that reach its tails: more than 32 active
 # rows in a chunk and odd counts, odd K and odd chunks (the packed pairs' zero column), chunks
 # wider than a unit block (256: chunk 300 and 512), output widths past a 256-column block with a
-# tail (K, M = 300 / 600), one chunk and one row. Both ops, every gradient, both gate gradients,
+# tail (K, M = 300 / 600), one chunk and one row; chunks with most rows active go to one dense
+# oneDNN product over all rows (mixed with tiled ones at 45%). Both ops, every gradient, both gate gradients,
 # against float64 within a multiple of PyTorch's own bfloat16 error; also with
 # STOCHGATE_CPU_AMX=0 (the float32 route), and the number of calls that took the AMX kernels.
 AMX = pytest.mark.skipif(not _C.cpu_amx_available(), reason="needs a CPU with AMX (bfloat16 brgemm)")
@@ -198,8 +199,10 @@ AMX_SHAPES = [(70, 37, 96, 2), (1, 64, 16, 1), (45, 130, 600, 2), (33, 300, 38, 
 @pytest.mark.parametrize("shape", AMX_SHAPES)
 @pytest.mark.parametrize("density", [0.4, 1.0])
 @pytest.mark.parametrize("amx", ["", "0"])
-def test_cpu_amx_bfloat16(monkeypatch, shape, density, amx):
+@pytest.mark.parametrize("dense_frac", ["", "0.45"])  # chunks with >= 70% (45%) active rows: one dense product
+def test_cpu_amx_bfloat16(monkeypatch, shape, density, amx, dense_frac):
     monkeypatch.setenv("STOCHGATE_CPU_AMX", amx)
+    monkeypatch.setenv("STOCHGATE_GL_MM_FRAC", dense_frac or "0.7")
     B, K, N, C = shape
     x, w, b, _ = _data(B, K, N, C, "cpu", torch.float64)
     g = _gates(B, C, density, "cpu", seed=5)

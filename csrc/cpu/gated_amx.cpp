@@ -239,6 +239,85 @@ u16* transpose_pairs(const Packed& ap, const Pairs& pr, int64_t chunk, std::vect
   return tr;
 }
 
+bool is_dense(const Pairs& pr, int64_t c) { return pr.dense && pr.dense[c]; }
+
+// Calls f(c, ce) for each maximal run [c, ce) of dense chunks.
+template <class F>
+void dense_runs(const Pairs& pr, const F& f) {
+  for (int64_t c = 0; c < pr.C; ++c) {
+    if (!is_dense(pr, c)) continue;
+    int64_t ce = c + 1;
+    while (ce < pr.C && is_dense(pr, ce)) ++ce;
+    f(c, ce);
+    c = ce - 1;
+  }
+}
+
+// (B, (ce - c) * chunk) block of packed pairs of chunks [c, ce) at their rows, zeros elsewhere:
+// a dense run's left operand.
+at::Tensor masked_block(const Packed& ap, const Pairs& pr, int64_t chunk, int64_t c, int64_t ce) {
+  const int64_t width = (ce - c) * chunk, kc = even(chunk);
+  auto blk = at::zeros({pr.B, width}, ap.t.options());
+  u16* pb = mu(blk);
+  for (int64_t cc = c; cc < ce; ++cc) {
+    for (int64_t i = 0; i < pr.chunk_off[cc + 1] - pr.chunk_off[cc]; ++i) {
+      std::memcpy(pb + pr.rows[pr.chunk_off[cc] + i] * width + (cc - c) * chunk, ap.row(cc, i, kc), chunk * sizeof(u16));
+    }
+  }
+  return blk;
+}
+
+// The dense runs and their left operands (masked_block).
+struct Run {
+  int64_t c, ce;
+  at::Tensor blk;
+};
+
+std::vector<Run> dense_blocks(const Packed& ap, const Pairs& pr, int64_t chunk) {
+  std::vector<Run> runs;
+  dense_runs(pr, [&](int64_t c, int64_t ce) { runs.push_back({c, ce, masked_block(ap, pr, chunk, c, ce)}); });
+  return runs;
+}
+
+// One run over every chunk: the op is a dense product (with zeros at the inactive pairs).
+bool covers_all(const std::vector<Run>& runs, const Pairs& pr) {
+  return runs.size() == 1 && runs[0].c == 0 && runs[0].ce == pr.C;
+}
+
+// The dense runs' share of a row reduce, float32 (B, P): sum over runs of blk @ rhs(c, ce)
+// (each product rounded to bfloat16 by oneDNN), or undefined when there is no dense chunk.
+template <class Rhs>
+at::Tensor dense_share(const std::vector<Run>& runs, const Rhs& rhs) {
+  at::Tensor extra;
+  for (const Run& r : runs) {
+    auto part = at::mm(r.blk, rhs(r.c, r.ce)).to(at::kFloat);
+    if (extra.defined()) extra.add_(part); else extra = part;
+  }
+  return extra;
+}
+
+// A dense run's product pre (B, (ce - c) * chunk) written to out (B, ld) at the run's columns
+// on the active pairs only, times their gates if `scale` (out's other pairs stay as they are).
+void scatter_run(const at::Tensor& pre, const Pairs& pr, int64_t chunk, int64_t c, int64_t ce, u16* out, int64_t ld,
+                 bool scale) {
+  const int64_t width = (ce - c) * chunk;
+  const u16* pp = cu(pre);
+  at::parallel_for(c, ce, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t cc = c0; cc < c1; ++cc) {
+      for (int64_t q = pr.chunk_off[cc]; q < pr.chunk_off[cc + 1]; ++q) {
+        const u16* src = pp + pr.rows[q] * width + (cc - c) * chunk;
+        u16* dst = out + pr.rows[q] * ld + cc * chunk;
+        const float g = static_cast<float>(pr.gate[q]);
+        if (scale && g != 1.f) {
+          scale_row(dst, src, g, chunk);
+        } else {
+          std::memcpy(dst, src, chunk * sizeof(u16));
+        }
+      }
+    }
+  });
+}
+
 // Gathered rows: for each chunk c and block [u0, u0 + nb) of its units, every tile of kMT
 // active rows computes C (m, nb) = A (the rows row_a(q), kr values each) @ pack_b(c, u0, nb)
 // (kr, nb), then out(q, c, u0, nb, C row) for each of the tile's pairs q. (A chunk's last tile
@@ -254,7 +333,7 @@ void gathered_rows(const Pairs& pr, int64_t chunk, int64_t kr, const PackB& pack
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t / nub, u0 = t % nub * ub, nb = std::min(ub, chunk - u0);
       const int64_t q0 = pr.chunk_off[c], q1 = pr.chunk_off[c + 1];
-      if (q0 == q1) continue;
+      if (q0 == q1 || is_dense(pr, c)) continue;
       pack_b(c, u0, nb, bp);
       for (int64_t qt = q0; qt < q1; qt += kMT) {
         const int64_t m = std::min(kMT, q1 - qt);
@@ -286,7 +365,7 @@ void row_reduce(const Pairs& pr, int64_t chunk, const Packed& ap, int64_t P, con
       std::fill(acc, acc + pr.B * pb, 0.f);
       for (int64_t c = 0; c < pr.C; ++c) {
         const int64_t q0 = pr.chunk_off[c], q1 = pr.chunk_off[c + 1];
-        if (q0 == q1) continue;
+        if (q0 == q1 || is_dense(pr, c)) continue;
         pack_b(c, p0, pb, bp);
         for (int64_t qt = q0; qt < q1; qt += kMT) {
           const int64_t m = std::min(kMT, q1 - qt);
@@ -294,7 +373,7 @@ void row_reduce(const Pairs& pr, int64_t chunk, const Packed& ap, int64_t P, con
           for (int64_t i = 0; i < m; ++i) add_row(acc + pr.rows[qt + i] * pb, cbuf + i * pb, pb);
         }
       }
-      fin(p0, pb, static_cast<const float*>(acc));
+      fin(p0, pb, acc);
     }
     at::native::cpublas::brgemm_release(true);
   });
@@ -314,6 +393,7 @@ void weights(const Pairs& pr, int64_t chunk, const Packed& ap, const u16* src, i
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t / nblk, p0 = t % nblk * kWB, pb = std::min(kWB, P - p0);
       const int64_t q0 = pr.chunk_off[c], q1 = pr.chunk_off[c + 1];
+      if (is_dense(pr, c)) continue;
       if (q0 == q1) {
         out(c, p0, pb, static_cast<const float*>(nullptr));
         continue;
@@ -399,6 +479,13 @@ at::Tensor gated_linear(const at::Tensor& x_in, const at::Tensor& w_in, const c1
   const u16* px = cu(x);
   const u16* pb = bias.defined() ? cu(bias) : nullptr;
   zero_inactive(py, N, chunk, pr);
+  dense_runs(pr, [&](int64_t c, int64_t ce) {
+    // Every row through oneDNN (F.linear's arithmetic), then the gates on the active rows.
+    const int64_t width = (ce - c) * chunk;
+    const auto wr = w.narrow(0, c * chunk, width).t();
+    const auto pre = bias.defined() ? at::addmm(bias.narrow(0, c * chunk, width), x, wr) : at::mm(x, wr);
+    scatter_run(pre, pr, chunk, c, ce, py, N, /*scale=*/true);
+  });
   gathered_rows(
       pr, chunk, K, pack_w_t(cu(w), K, chunk), [&](int64_t q) { return px + pr.rows[q] * K; },
       [&](int64_t q, int64_t c, int64_t u0, int64_t nb, const float* acc) {
@@ -430,8 +517,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     // Active pairs only: the forward's product again, dotted with dy.
     const int64_t nub = (chunk + std::min(chunk, kUB) - 1) / std::min(chunk, kUB);
     std::vector<float> part(pr.chunk_off[C] * nub, 0.f);
+    Pairs every = pr;  // the tiles for every chunk: the pre-activations of active pairs only
+    every.dense = nullptr;
     gathered_rows(
-        pr, chunk, K, pack_w_t(pw, K, chunk), [&](int64_t q) { return px + pr.rows[q] * K; },
+        every, chunk, K, pack_w_t(pw, K, chunk), [&](int64_t q) { return px + pr.rows[q] * K; },
         [&](int64_t q, int64_t c, int64_t u0, int64_t nb, const float* acc) {
           const int64_t col = c * chunk + u0;
           part[q * nub + u0 / std::min(chunk, kUB)] =
@@ -470,19 +559,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
       }
     });
   }
-  if (need_dx) {
+  const std::vector<Run> runs = need_dx || need_dw ? dense_blocks(gdy, pr, chunk) : std::vector<Run>();
+  if (need_dx && covers_all(runs, pr)) {
+    at::mm_out(dx, runs[0].blk, w);
+  } else if (need_dx) {
     u16* pdx = mu(dx);
+    const at::Tensor extra = dense_share(runs, [&](int64_t c, int64_t ce) { return w.narrow(0, c * chunk, (ce - c) * chunk); });
+    const float* pe = extra.defined() ? extra.const_data_ptr<float>() : nullptr;
     row_reduce(
         pr, chunk, gdy, K,
         [&](int64_t c, int64_t p0, int64_t pb, u32* dst) {
           pack_rows([&](int64_t u) { return pw + (c * chunk + u) * K + p0; }, chunk, pb, dst);
         },
-        [&](int64_t p0, int64_t pb, const float* acc) {
-          for (int64_t b = 0; b < B; ++b) finish_row(pdx + b * K + p0, acc + b * pb, nullptr, 1.f, pb);
+        [&](int64_t p0, int64_t pb, float* acc) {
+          for (int64_t b = 0; b < B; ++b) {
+            if (pe) add_row(acc + b * pb, pe + b * K + p0, pb);
+            finish_row(pdx + b * K + p0, acc + b * pb, nullptr, 1.f, pb);
+          }
         });
   }
   if (need_dw) {
     u16* pdw = mu(dw);
+    for (const Run& r : runs) {
+      auto dwr = dw.narrow(0, r.c * chunk, (r.ce - r.c) * chunk);
+      at::mm_out(dwr, r.blk.t(), x);
+    }
     weights(pr, chunk, gdy, px, K, K, [&](int64_t c, int64_t p0, int64_t pb, const float* acc) {
       for (int64_t u = 0; u < chunk; ++u) {
         u16* d = pdw + (c * chunk + u) * K + p0;
@@ -507,11 +608,18 @@ at::Tensor gated_input_linear(const at::Tensor& h_in, const at::Tensor& w_in, co
   const u16* pw = cu(w);
   const u16* pb = bias.defined() ? cu(bias) : nullptr;
   const Packed hp = pack_pairs(h, N, pr, chunk, /*scale=*/false);
+  const std::vector<Run> runs = dense_blocks(hp, pr, chunk);
+  if (covers_all(runs, pr)) return bias.defined() ? at::addmm(bias, runs[0].blk, w.t()) : at::mm(runs[0].blk, w.t());
+  const at::Tensor extra = dense_share(runs, [&](int64_t c, int64_t ce) { return w.narrow(1, c * chunk, (ce - c) * chunk).t(); });
+  const float* pe = extra.defined() ? extra.const_data_ptr<float>() : nullptr;
   row_reduce(
       pr, chunk, hp, M,
       [&](int64_t c, int64_t p0, int64_t pb_, u32* dst) { pack_transposed(pw + p0 * N + c * chunk, N, pb_, chunk, dst); },
-      [&](int64_t p0, int64_t pb_, const float* acc) {
-        for (int64_t b = 0; b < B; ++b) finish_row(py + b * M + p0, acc + b * pb_, pb ? pb + p0 : nullptr, 1.f, pb_);
+      [&](int64_t p0, int64_t pb_, float* acc) {
+        for (int64_t b = 0; b < B; ++b) {
+          if (pe) add_row(acc + b * pb_, pe + b * M + p0, pb_);
+          finish_row(py + b * M + p0, acc + b * pb_, pb ? pb + p0 : nullptr, 1.f, pb_);
+        }
       });
   return y;
 }
@@ -531,6 +639,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward(
   if (need_dh) {
     u16* pdh = mu(dh);
     zero_inactive(pdh, N, chunk, pr);
+    dense_runs(pr, [&](int64_t c, int64_t ce) {
+      scatter_run(at::mm(dy, w.narrow(1, c * chunk, (ce - c) * chunk)), pr, chunk, c, ce, pdh, N, /*scale=*/false);
+    });
     gathered_rows(
         pr, chunk, M,
         [&](int64_t c, int64_t u0, int64_t nb, u32* dst) {
@@ -545,6 +656,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward(
     u16* pdw = mu(dw);
     const Packed hp = pack_pairs(h, N, pr, chunk, /*scale=*/false);
     const int64_t mp = round_up(chunk, 16);
+    for (const Run& r : dense_blocks(hp, pr, chunk)) {
+      auto dwr = dw.narrow(1, r.c * chunk, (r.ce - r.c) * chunk);
+      at::mm_out(dwr, dy.t(), r.blk);
+    }
     // dW2[:, chunk c]^T (chunk, M) comes out of `weights`; written back transposed.
     weights(pr, chunk, hp, pdy, M, M, [&](int64_t c, int64_t p0, int64_t pb, const float* acc) {
       if (!acc) {

@@ -20,6 +20,9 @@ struct Pairs {
   const double* gate = nullptr;        // pair q's gate
   const int64_t* row_off = nullptr;    // (B + 1): row b's pairs are p in [row_off[b], row_off[b + 1])
   const int64_t* chunks = nullptr;     // pair p's chunk, ascending within a row
+  // Chunks with so many active rows that one dense product over all rows is cheaper
+  // (dense[c] != 0; null: none): they go to oneDNN as runs of consecutive chunks.
+  const char* dense = nullptr;
 };
 
 // Whether a call whose tensors are `a`, `w` (and `bias`, `grad`) goes through the AMX kernels:

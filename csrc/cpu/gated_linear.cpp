@@ -226,19 +226,6 @@ ChunkRouting route_chunks(const RowRouting& rr, int64_t C) {
   return cr;
 }
 
-// The routing as the bfloat16 AMX kernels (gated_amx.h) take it.
-amx::Pairs amx_pairs(const RowRouting& rr, const ChunkRouting& cr) {
-  amx::Pairs p;
-  p.B = static_cast<int64_t>(rr.offsets.size()) - 1;
-  p.C = static_cast<int64_t>(cr.offsets.size()) - 1;
-  p.chunk_off = cr.offsets.data();
-  p.rows = cr.rows.data();
-  p.gate = cr.gate.data();
-  p.row_off = rr.offsets.data();
-  p.chunks = rr.chunks.data();
-  return p;
-}
-
 // ---------------------------------------------------------------------------------------
 // Small vector kernels. Written lane-wise so that the compiler vectorises them without
 // reassociating a single accumulator; each is compiled twice (AVX-512 and baseline) and
@@ -1442,7 +1429,7 @@ at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()
 // gated_linear
 
 // Chunks with at least gl_fwd_mm_min_rows(B) active rows: the float32 tiled kernels leave them
-// to MKL, as runs of consecutive chunks (empty if none).
+// to MKL and the bfloat16 AMX kernels to oneDNN, as runs of consecutive chunks (empty if none).
 std::vector<char> dense_chunks(const ChunkRouting& cr, int64_t B, int64_t C) {
   const int64_t mm_min = gl_fwd_mm_min_rows(B);
   std::vector<char> dense(C, 0);
@@ -1450,6 +1437,21 @@ std::vector<char> dense_chunks(const ChunkRouting& cr, int64_t B, int64_t C) {
   for (int64_t c = 0; c < C; ++c) any |= (dense[c] = cr.offsets[c + 1] - cr.offsets[c] >= mm_min);
   if (!any) dense.clear();
   return dense;
+}
+
+// The routing as the bfloat16 AMX kernels (gated_amx.h) take it; `dense` (dense_chunks) must
+// outlive the result.
+amx::Pairs amx_pairs(const RowRouting& rr, const ChunkRouting& cr, const std::vector<char>& dense) {
+  amx::Pairs p;
+  p.B = static_cast<int64_t>(rr.offsets.size()) - 1;
+  p.C = static_cast<int64_t>(cr.offsets.size()) - 1;
+  p.chunk_off = cr.offsets.data();
+  p.rows = cr.rows.data();
+  p.gate = cr.gate.data();
+  p.row_off = rr.offsets.data();
+  p.chunks = rr.chunks.data();
+  p.dense = dense.empty() ? nullptr : dense.data();
+  return p;
 }
 
 // Calls run(c, ce) for each maximal run [c, ce) of dense chunks.
@@ -1496,7 +1498,8 @@ at::Tensor gated_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   if (B > 0 && N > 0 && K > 0 && amx::applies(x_in, w_in, bias_in, chunk)) {
     const RowRouting rr = route_rows(gates);
     const ChunkRouting cr = route_chunks(rr, C);
-    return amx::gated_linear(x_in, w_in, bias_in, chunk, amx_pairs(rr, cr));
+    const std::vector<char> dense = dense_chunks(cr, B, C);
+    return amx::gated_linear(x_in, w_in, bias_in, chunk, amx_pairs(rr, cr, dense));
   }
   auto x = to_compute(x_in);
   auto w = to_compute(w_in);
@@ -1625,7 +1628,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
   if (B > 0 && N > 0 && K > 0 && amx::applies(x_in, w_in, bias_in, chunk, &grad_y_in)) {
     const RowRouting rr = route_rows(gates);
     const ChunkRouting cr = route_chunks(rr, C);
-    return amx::gated_linear_backward(grad_y_in, x_in, w_in, bias_in, gates, chunk, amx_pairs(rr, cr), output_mask,
+    const std::vector<char> dense = dense_chunks(cr, B, C);
+    return amx::gated_linear_backward(grad_y_in, x_in, w_in, bias_in, gates, chunk, amx_pairs(rr, cr, dense), output_mask,
                                       full_gate_grad);
   }
 
@@ -1827,7 +1831,8 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
   if (B > 0 && M > 0 && N > 0 && amx::applies(h_in, w_in, bias_in, chunk)) {
     const RowRouting rr = route_rows(gates);
     const ChunkRouting cr = route_chunks(rr, C);
-    return amx::gated_input_linear(h_in, w_in, bias_in, chunk, amx_pairs(rr, cr));
+    const std::vector<char> dense = dense_chunks(cr, B, C);
+    return amx::gated_input_linear(h_in, w_in, bias_in, chunk, amx_pairs(rr, cr, dense));
   }
   auto h = to_compute(h_in);
   auto w = to_compute(w_in);
@@ -1904,7 +1909,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
   if (B > 0 && M > 0 && N > 0 && amx::applies(h_in, w_in, c10::nullopt, chunk, &grad_y_in)) {
     const RowRouting rr = route_rows(gates);
     const ChunkRouting cr = route_chunks(rr, C);
-    return amx::gated_input_linear_backward(grad_y_in, h_in, w_in, chunk, amx_pairs(rr, cr), output_mask);
+    const std::vector<char> dense = dense_chunks(cr, B, C);
+    return amx::gated_input_linear_backward(grad_y_in, h_in, w_in, chunk, amx_pairs(rr, cr, dense), output_mask);
   }
   auto h = to_compute(h_in);
   auto w = to_compute(w_in);
