@@ -187,12 +187,13 @@ def test_cpu_row_kernels_block_major(monkeypatch, shape, blocks, threads):
 # tiles of up to 32 active rows. Shapes (B, K, N, C) that reach its tails: more than 32 active
 # rows in a chunk and odd counts, odd K and odd chunks (the packed pairs' zero column), chunks
 # wider than a unit block (256: chunk 300 and 512), output widths past a 256-column block with a
-# tail (K, M = 300 / 600), one chunk and one row; chunks with most rows active go to one dense
+# tail (K, M = 300 / 600), one chunk, one row, and a large batch; chunks with most rows active go to one dense
 # oneDNN product over all rows (mixed with tiled ones at 45%). Both ops, every gradient, both gate gradients,
 # against float64 within a multiple of PyTorch's own bfloat16 error; also with
 # STOCHGATE_CPU_AMX=0 (the float32 route), and the number of calls that took the AMX kernels.
 AMX = pytest.mark.skipif(not _C.cpu_amx_available(), reason="needs a CPU with AMX (bfloat16 brgemm)")
-AMX_SHAPES = [(70, 37, 96, 2), (1, 64, 16, 1), (45, 130, 600, 2), (33, 300, 38, 2), (9, 19, 512, 1), (64, 600, 272, 16)]
+AMX_SHAPES = [(70, 37, 96, 2), (1, 64, 16, 1), (45, 130, 600, 2), (33, 300, 38, 2), (9, 19, 512, 1), (64, 600, 272, 16),
+              (20000, 300, 32, 2)]  # large B: the row reduce's accumulator blocks shrink to 48 columns
 
 
 @AMX

@@ -46,7 +46,7 @@ using bf16 = at::BFloat16;
 
 constexpr int64_t kMT = 32;   // active rows per tile (measured: 16 / 32 / 64 alike, 32 a little ahead)
 constexpr int64_t kUB = 256;  // gathered rows: units per block
-constexpr int64_t kPB = 256;  // row reduce: output columns per block
+constexpr int64_t kPB = 256;  // row reduce: output columns per block (at most; see row_reduce)
 constexpr int64_t kWB = 256;  // weights: output columns per block
 
 int64_t even(int64_t k) { return (k + 1) & ~int64_t(1); }
@@ -351,17 +351,19 @@ void gathered_rows(const Pairs& pr, int64_t chunk, int64_t kr, const PackB& pack
 }
 
 // Row reduce: out (B, P) = sum over chunks c of the chunk's packed pairs (ap) @ pack_b(c, p0,
-// pb) (chunk, pb), added at the pairs' rows; per block [p0, p0 + pb) of kPB columns a float32
+// pb) (chunk, pb), added at the pairs' rows; per block [p0, p0 + pb) of up to kPB columns (fewer
+// for large B, so that the accumulator stays within 4 MB down to 16 columns) a float32
 // accumulator (B, pb), handed to fin(p0, pb, acc) (every row; zeros where no chunk is active).
 template <class PackB, class Fin>
 void row_reduce(const Pairs& pr, int64_t chunk, const Packed& ap, int64_t P, const PackB& pack_b, const Fin& fin) {
   const int64_t kc = even(chunk);
-  at::parallel_for(0, (P + kPB - 1) / kPB, 1, [&](int64_t j0, int64_t j1) {
-    u32* bp = scratch<u32>(0, kc / 2 * kPB);
-    float* acc = scratch<float>(1, pr.B * kPB);
-    float* cbuf = scratch<float>(2, kMT * kPB);
+  const int64_t cols = std::clamp<int64_t>((int64_t(4) << 20) / (4 * std::max<int64_t>(pr.B, 1)) / 16 * 16, 16, kPB);
+  at::parallel_for(0, (P + cols - 1) / cols, 1, [&](int64_t j0, int64_t j1) {
+    u32* bp = scratch<u32>(0, kc / 2 * cols);
+    float* acc = scratch<float>(1, pr.B * cols);
+    float* cbuf = scratch<float>(2, kMT * cols);
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t p0 = j * kPB, pb = std::min(kPB, P - p0);
+      const int64_t p0 = j * cols, pb = std::min(cols, P - p0);
       std::fill(acc, acc + pr.B * pb, 0.f);
       for (int64_t c = 0; c < pr.C; ++c) {
         const int64_t q0 = pr.chunk_off[c], q1 = pr.chunk_off[c + 1];
