@@ -432,6 +432,11 @@ auto pack_w_t(const u16* w, int64_t K, int64_t chunk) {
 
 at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// The kernels read contiguous operands (detached: ATen calls on OpenMP workers run outside the
+// dispatcher's below-autograd state); an absent bias is an undefined tensor.
+at::Tensor input(const at::Tensor& t) { return t.detach().contiguous(); }
+at::Tensor input(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? input(*t) : at::Tensor(); }
+
 float to_f32(u16 v) {
   const u32 bits = u32(v) << 16;
   float f;
@@ -473,8 +478,8 @@ bool applies(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::T
 
 at::Tensor gated_linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias_in,
                         int64_t chunk, const Pairs& pr) {
-  const auto x = x_in.detach().contiguous(), w = w_in.detach().contiguous();
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->detach().contiguous() : at::Tensor();
+  const auto x = input(x_in), w = input(w_in);
+  const at::Tensor bias = input(bias_in);
   const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
   auto y = at::empty({B, N}, x.options());
   u16* py = mu(y);
@@ -500,8 +505,8 @@ at::Tensor gated_linear(const at::Tensor& x_in, const at::Tensor& w_in, const c1
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias_in,
     const at::Tensor& gates, int64_t chunk, const Pairs& pr, std::array<bool, 4> output_mask, bool full_gate_grad) {
-  const auto x = x_in.detach().contiguous(), w = w_in.detach().contiguous(), dy = dy_in.detach().contiguous();
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->detach().contiguous() : at::Tensor();
+  const auto x = input(x_in), w = input(w_in), dy = input(dy_in);
+  const at::Tensor bias = input(bias_in);
   const int64_t B = x.size(0), K = x.size(1), N = w.size(0), C = pr.C;
   const bool need_dx = output_mask[0], need_dw = output_mask[1];
   const bool need_db = output_mask[2] && bias.defined(), need_dg = output_mask[3];
@@ -602,8 +607,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
 
 at::Tensor gated_input_linear(const at::Tensor& h_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias_in,
                               int64_t chunk, const Pairs& pr) {
-  const auto h = h_in.detach().contiguous(), w = w_in.detach().contiguous();
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->detach().contiguous() : at::Tensor();
+  const auto h = input(h_in), w = input(w_in);
+  const at::Tensor bias = input(bias_in);
   const int64_t B = h.size(0), N = h.size(1), M = w.size(0);
   auto y = at::empty({B, M}, h.options());
   u16* py = mu(y);
@@ -629,7 +634,7 @@ at::Tensor gated_input_linear(const at::Tensor& h_in, const at::Tensor& w_in, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward(
     const at::Tensor& dy_in, const at::Tensor& h_in, const at::Tensor& w_in, int64_t chunk, const Pairs& pr,
     std::array<bool, 3> output_mask) {
-  const auto h = h_in.detach().contiguous(), w = w_in.detach().contiguous(), dy = dy_in.detach().contiguous();
+  const auto h = input(h_in), w = input(w_in), dy = input(dy_in);
   const int64_t B = h.size(0), N = h.size(1), M = w.size(0);
   const bool need_dh = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   const u16* pw = cu(w);
