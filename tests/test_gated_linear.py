@@ -290,23 +290,24 @@ def test_active_gate_grad_is_zero_off(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [1, 4])
-def test_opcheck(device, C):
-    x, w, b, g = _data(6, 10, 32, C, device, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16, chunk 16: the AMX kernels on CPU
+def test_opcheck(device, C, dtype):
+    x, w, b, g = _data(6, 10, 32, C, device, dtype)
     ops = torch.ops.stochgate
     for rg in (False, True):
         xs, ws, bs, gs = (t.clone().requires_grad_(rg) for t in (x, w, b, g))
         torch.library.opcheck(ops.gated_linear.default, (xs, ws, bs, gs, True))
         torch.library.opcheck(ops.gated_linear.default, (xs, ws, None, gs, False))
-        h = torch.randn(6, 32, device=device, requires_grad=rg)
-        w2 = torch.randn(5, 32, device=device, requires_grad=rg)
+        h = torch.randn(6, 32, device=device, requires_grad=rg, dtype=dtype)
+        w2 = torch.randn(5, 32, device=device, requires_grad=rg, dtype=dtype)
         torch.library.opcheck(ops.gated_input_linear.default, (h, w2, None, g))
-    dy = torch.randn(6, 32, device=device)
+    dy = torch.randn(6, 32, device=device, dtype=dtype)
     for mask in ([True, True, True, True], [False, True, False, True], [True, False, False, False]):
         torch.library.opcheck(ops.gated_linear_backward.default, (dy, x, w, b, g, mask, False))
     torch.library.opcheck(
         ops.gated_input_linear_backward.default,
-        (torch.randn(6, 5, device=device), torch.randn(6, 32, device=device),
-         torch.randn(5, 32, device=device), g, [True, False, True]),
+        (torch.randn(6, 5, device=device, dtype=dtype), torch.randn(6, 32, device=device, dtype=dtype),
+         torch.randn(5, 32, device=device, dtype=dtype), g, [True, False, True]),
     )
 
 
