@@ -36,6 +36,15 @@
 #include <immintrin.h>
 #endif
 
+// The AMX kernels need AVX-512 code generation (gated_gemm.h's multi-ISA build) and a torch
+// whose CPUBlas.h has the bfloat16 brgemm with its VNNI flag, pack and could_pack (it
+// announces them with this macro); otherwise applies() is false and nothing here runs.
+#if SG_GG_MULTI && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define SG_AMX 1
+#else
+#define SG_AMX 0
+#endif
+
 namespace stochgate {
 namespace amx {
 namespace {
@@ -55,13 +64,13 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 const u16* cu(const at::Tensor& t) { return reinterpret_cast<const u16*>(t.const_data_ptr<bf16>()); }
 u16* mu(at::Tensor& t) { return reinterpret_cast<u16*>(t.mutable_data_ptr<bf16>()); }
 
+#if SG_AMX
 // C (m, n) float32 (+)= A (m, k) bfloat16 (row stride lda) @ B, B packed as (k / 2, n) words.
 void mm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool add, const u16* a, const u32* b, float* c) {
   at::native::cpublas::brgemm(m, n, k, lda, n, ldc, add, reinterpret_cast<const bf16*>(a),
                               reinterpret_cast<const bf16*>(b), c, /*is_vnni=*/true);
 }
 
-#if SG_GG_MULTI
 #define SG_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 
 inline __mmask16 head(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
@@ -443,14 +452,14 @@ float to_f32(u16 v) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
-#endif  // SG_GG_MULTI
+#endif  // SG_AMX
 
 }  // namespace
 
 std::atomic<int64_t> n_calls{0};
 
 bool available() {
-#if SG_GG_MULTI
+#if SG_AMX
   static const bool isa = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq");
   return isa && at::native::cpublas::could_pack(at::kBFloat16);
@@ -474,7 +483,7 @@ bool applies(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::T
   return true;
 }
 
-#if SG_GG_MULTI
+#if SG_AMX
 
 at::Tensor gated_linear(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias_in,
                         int64_t chunk, const Pairs& pr) {
@@ -681,7 +690,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward(
   return {dh, dw, db};
 }
 
-#else  // !SG_GG_MULTI: applies() is false, these are never called.
+#else  // !SG_AMX: applies() is false, these are never called.
 
 at::Tensor gated_linear(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, const Pairs&) {
   TORCH_CHECK(false, "stochgate: the AMX kernels are not compiled in");
@@ -701,7 +710,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward(const
   TORCH_CHECK(false, "stochgate: the AMX kernels are not compiled in");
 }
 
-#endif  // SG_GG_MULTI
+#endif  // SG_AMX
 
 }  // namespace amx
 }  // namespace stochgate
