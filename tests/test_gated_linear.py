@@ -258,6 +258,33 @@ def test_cpu_amx_nan_and_layouts():
     assert _C.cpu_amx_calls() - calls == 5
 
 
+@AMX
+def test_cpu_amx_modules_under_autocast():
+    """float32 modules under CPU autocast to bfloat16 (the usual way to train in bfloat16):
+    both layers' forward and backward take the AMX kernels, and the float32 parameters get
+    the gradients of the bfloat16 computation."""
+    torch.manual_seed(0)
+    l1 = stochgate.nn.GatedLinear(48, 64, num_chunks=2)
+    l2 = stochgate.nn.GatedInputLinear(64, 10, num_chunks=2)
+    x = torch.randn(40, 48)
+    g = _gates(40, 2, 0.6, "cpu", seed=4)
+    calls = _C.cpu_amx_calls()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = l2(l1(x, g), g)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert _C.cpu_amx_calls() - calls == 4
+    # The same computation by the reference on float64 copies of the bfloat16-cast operands.
+    p64 = [p.detach().bfloat16().double().requires_grad_() for p in (l1.weight, l1.bias, l2.weight, l2.bias)]
+    h = R.gated_linear(x.bfloat16().double(), p64[0], p64[1], g.double())
+    y64 = R.gated_input_linear(h.bfloat16().double(), p64[2], p64[3], g.double())
+    y64.square().sum().backward()
+    for p, r in zip((l1.weight, l1.bias, l2.weight, l2.bias), p64):
+        assert p.grad is not None and p.grad.dtype == torch.float32
+        scale = r.grad.abs().max().item()
+        assert (p.grad.double() - r.grad).abs().max().item() <= 0.05 * scale + 1e-3
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [1, 3, 16])
 def test_gradcheck_float64(device, C):
