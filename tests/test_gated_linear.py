@@ -259,6 +259,27 @@ def test_cpu_amx_nan_and_layouts():
 
 
 @AMX
+def test_cpu_amx_same_bits_on_any_thread_count():
+    """Each output's sum runs in a fixed order whichever thread computes it: one and two
+    threads give the same bits, forward and backward of both ops."""
+    B, K, N, C = 100, 300, 128, 2
+    x, w, b, _ = _data(B, K, N, C, "cpu", torch.bfloat16)
+    g = _gates(B, C, 0.5, "cpu", seed=6)
+    dy = torch.randn(B, N).bfloat16()
+    h, w2, dy2 = torch.randn(B, N).bfloat16(), w.t().contiguous(), torch.randn(B, K).bfloat16()
+    outs = []
+    for n in (1, 2):
+        with _num_threads(n):
+            outs.append(
+                [stochgate.gated_linear(x, w, b, g), stochgate.gated_input_linear(h, w2, b[:0].new_zeros(K), g)]
+                + list(torch.ops.stochgate.gated_linear_backward(dy, x, w, b, g, [True, True, True, False], False))
+                + list(torch.ops.stochgate.gated_input_linear_backward(dy2, h, w2, g, [True, True, True]))
+            )
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
+
+
+@AMX
 def test_cpu_amx_modules_under_autocast():
     """float32 modules under CPU autocast to bfloat16 (the usual way to train in bfloat16):
     both layers' forward and backward take the AMX kernels, and the float32 parameters get
