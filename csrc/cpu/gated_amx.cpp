@@ -14,6 +14,8 @@
 //   float32 accumulator (B, block) that each chunk's tiles of packed pairs add into;
 // - weights (gated_linear dW, gated_input_linear dW2): per chunk, the packed pairs transposed
 //   times the tile's rows, summed over the chunk's tiles.
+// Chunks with most rows active (Pairs::dense) skip the tiles: one oneDNN product over all rows
+// per run of them. Every output's sum runs in a fixed order: deterministic on any thread count.
 #include "gated_amx.h"
 
 // GCC 12 flags the undefined-vector idiom inside its own AVX-512 intrinsics (the
