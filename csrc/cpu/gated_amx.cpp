@@ -32,6 +32,7 @@
 #include <cstring>
 #include <vector>
 
+#include "chunk_runs.h"
 #include "gated_gemm.h"
 
 #if SG_GG_MULTI
@@ -255,13 +256,7 @@ bool is_dense(const Pairs& pr, int64_t c) { return pr.dense && pr.dense[c]; }
 // Calls f(c, ce) for each maximal run [c, ce) of dense chunks.
 template <class F>
 void dense_runs(const Pairs& pr, const F& f) {
-  for (int64_t c = 0; c < pr.C; ++c) {
-    if (!is_dense(pr, c)) continue;
-    int64_t ce = c + 1;
-    while (ce < pr.C && is_dense(pr, ce)) ++ce;
-    f(c, ce);
-    c = ce - 1;
-  }
+  if (pr.dense) for_dense_runs(pr.dense, pr.C, f);
 }
 
 // (B, (ce - c) * chunk) block of packed pairs of chunks [c, ce) at their rows, zeros elsewhere:
@@ -426,12 +421,9 @@ void weights(const Pairs& pr, int64_t chunk, const Packed& ap, const u16* src, i
 void zero_inactive(u16* y, int64_t N, int64_t chunk, const Pairs& pr) {
   at::parallel_for(0, pr.B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      int64_t c = 0;
-      for (int64_t p = pr.row_off[b]; p <= pr.row_off[b + 1]; ++p) {
-        const int64_t ce = p < pr.row_off[b + 1] ? pr.chunks[p] : pr.C;
-        if (ce > c) std::memset(y + b * N + c * chunk, 0, (ce - c) * chunk * sizeof(u16));
-        c = ce + 1;
-      }
+      for_inactive_runs(pr.chunks, pr.row_off[b], pr.row_off[b + 1], pr.C, [&](int64_t c, int64_t ce) {
+        std::memset(y + b * N + c * chunk, 0, (ce - c) * chunk * sizeof(u16));
+      });
     }
   });
 }
@@ -448,12 +440,6 @@ at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()
 at::Tensor input(const at::Tensor& t) { return t.detach().contiguous(); }
 at::Tensor input(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? input(*t) : at::Tensor(); }
 
-float to_f32(u16 v) {
-  const u32 bits = u32(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 #endif  // SG_AMX
 
 }  // namespace
@@ -533,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     dg.copy_((dy.to(at::kFloat) * pre.to(at::kFloat)).view({B, C, chunk}).sum(-1));
   } else if (need_dg) {
     // Active pairs only: the forward's product again, dotted with dy.
-    const int64_t nub = (chunk + std::min(chunk, kUB) - 1) / std::min(chunk, kUB);
+    const int64_t ub = std::min(chunk, kUB), nub = (chunk + ub - 1) / ub;  // gathered_rows' unit blocks
     std::vector<float> part(pr.chunk_off[C] * nub, 0.f);
     Pairs every = pr;  // the tiles for every chunk: the pre-activations of active pairs only
     every.dense = nullptr;
@@ -541,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
         every, chunk, K, pack_w_t(pw, K, chunk), [&](int64_t q) { return px + pr.rows[q] * K; },
         [&](int64_t q, int64_t c, int64_t u0, int64_t nb, const float* acc) {
           const int64_t col = c * chunk + u0;
-          part[q * nub + u0 / std::min(chunk, kUB)] =
+          part[q * nub + u0 / ub] =
               dot_row(pdy + pr.rows[q] * N + col, acc, pbias ? pbias + col : nullptr, nb);
         });
     auto dgf = at::zeros({B * C}, gates.options().dtype(at::kFloat));
@@ -571,7 +557,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
         std::fill(s.begin(), s.end(), 0.f);
         for (int64_t i = 0; i < pr.chunk_off[c + 1] - pr.chunk_off[c]; ++i) {
           const u16* r = gdy.row(c, i, kc);
-          for (int64_t j = 0; j < chunk; ++j) s[j] += to_f32(r[j]);
+          for (int64_t j = 0; j < chunk; ++j) s[j] += static_cast<float>(bf16(r[j], bf16::from_bits()));
         }
         finish_row(pdb + c * chunk, s.data(), nullptr, 1.f, chunk);
       }

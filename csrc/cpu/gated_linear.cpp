@@ -27,6 +27,7 @@
 #endif
 
 #include "../common/checks.h"
+#include "chunk_runs.h"
 #include "gated_amx.h"
 #include "gated_gemm.h"
 
@@ -973,17 +974,12 @@ void zero_inactive_runs(float* y, int64_t B, int64_t N, int64_t chunk, const Row
   const bool stream = zero_use_streaming();
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      int64_t c = 0;
-      for (int64_t p = rr.offsets[b]; p <= rr.offsets[b + 1]; ++p) {
-        const int64_t ce = p < rr.offsets[b + 1] ? rr.chunks[p] : C;
-        if (ce > c) {
-          float* dst = y + b * N + c * chunk;
-          const int64_t n = (ce - c) * chunk;
-          if (stream) zero_streaming(dst, n);
-          else std::memset(dst, 0, n * sizeof(float));
-        }
-        c = ce + 1;
-      }
+      for_inactive_runs(rr.chunks.data(), rr.offsets[b], rr.offsets[b + 1], C, [&](int64_t c, int64_t ce) {
+        float* dst = y + b * N + c * chunk;
+        const int64_t n = (ce - c) * chunk;
+        if (stream) zero_streaming(dst, n);
+        else std::memset(dst, 0, n * sizeof(float));
+      });
     }
     _mm_sfence();  // streaming stores are weakly ordered: done before the threads join
   });
@@ -1439,35 +1435,32 @@ std::vector<char> dense_chunks(const ChunkRouting& cr, int64_t B, int64_t C) {
   return dense;
 }
 
-// The routing as the bfloat16 AMX kernels (gated_amx.h) take it; `dense` (dense_chunks) must
-// outlive the result.
-amx::Pairs amx_pairs(const RowRouting& rr, const ChunkRouting& cr, const std::vector<char>& dense) {
-  amx::Pairs p;
-  p.B = static_cast<int64_t>(rr.offsets.size()) - 1;
-  p.C = static_cast<int64_t>(cr.offsets.size()) - 1;
-  p.chunk_off = cr.offsets.data();
-  p.rows = cr.rows.data();
-  p.gate = cr.gate.data();
-  p.row_off = rr.offsets.data();
-  p.chunks = rr.chunks.data();
-  p.dense = dense.empty() ? nullptr : dense.data();
-  return p;
-}
+// The routing of `gates` (B, C) as the bfloat16 AMX kernels (gated_amx.h) take it, with the
+// dense chunks (dense_chunks); pairs() points into this object.
+struct AmxRouting {
+  RowRouting rr;
+  ChunkRouting cr;
+  std::vector<char> dense;
+  AmxRouting(const at::Tensor& gates, int64_t B, int64_t C)
+      : rr(route_rows(gates)), cr(route_chunks(rr, C)), dense(dense_chunks(cr, B, C)) {}
+  amx::Pairs pairs() const {
+    amx::Pairs p;
+    p.B = static_cast<int64_t>(rr.offsets.size()) - 1;
+    p.C = static_cast<int64_t>(cr.offsets.size()) - 1;
+    p.chunk_off = cr.offsets.data();
+    p.rows = cr.rows.data();
+    p.gate = cr.gate.data();
+    p.row_off = rr.offsets.data();
+    p.chunks = rr.chunks.data();
+    p.dense = dense.empty() ? nullptr : dense.data();
+    return p;
+  }
+};
 
-// Calls run(c, ce) for each maximal run [c, ce) of dense chunks.
+// Calls run(c, ce) for each maximal run [c, ce) of dense chunks (chunk_runs.h).
 template <typename F>
 void for_dense_runs(const std::vector<char>& dense, const F& run) {
-  const int64_t C = static_cast<int64_t>(dense.size());
-  for (int64_t c = 0; c < C;) {
-    if (!dense[c]) {
-      ++c;
-      continue;
-    }
-    int64_t ce = c + 1;
-    while (ce < C && dense[ce]) ++ce;
-    run(c, ce);
-    c = ce;
-  }
+  stochgate::for_dense_runs(dense.data(), static_cast<int64_t>(dense.size()), run);
 }
 
 // (B, (ce - c) * chunk) block holding chunks [c, ce) of src on their active rows, zeros
@@ -1496,10 +1489,7 @@ at::Tensor gated_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   const int64_t B = x_in.size(0), K = x_in.size(1), N = w_in.size(0), C = gates.size(1);
   const int64_t chunk = N / C;
   if (B > 0 && N > 0 && K > 0 && amx::applies(x_in, w_in, bias_in, chunk)) {
-    const RowRouting rr = route_rows(gates);
-    const ChunkRouting cr = route_chunks(rr, C);
-    const std::vector<char> dense = dense_chunks(cr, B, C);
-    return amx::gated_linear(x_in, w_in, bias_in, chunk, amx_pairs(rr, cr, dense));
+    return amx::gated_linear(x_in, w_in, bias_in, chunk, AmxRouting(gates, B, C).pairs());
   }
   auto x = to_compute(x_in);
   auto w = to_compute(w_in);
@@ -1626,11 +1616,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
   const bool need_dx = output_mask[0], need_dw = output_mask[1];
   const bool need_db = output_mask[2] && has_bias, need_dg = output_mask[3];
   if (B > 0 && N > 0 && K > 0 && amx::applies(x_in, w_in, bias_in, chunk, &grad_y_in)) {
-    const RowRouting rr = route_rows(gates);
-    const ChunkRouting cr = route_chunks(rr, C);
-    const std::vector<char> dense = dense_chunks(cr, B, C);
-    return amx::gated_linear_backward(grad_y_in, x_in, w_in, bias_in, gates, chunk, amx_pairs(rr, cr, dense), output_mask,
-                                      full_gate_grad);
+    return amx::gated_linear_backward(grad_y_in, x_in, w_in, bias_in, gates, chunk, AmxRouting(gates, B, C).pairs(),
+                                      output_mask, full_gate_grad);
   }
 
   auto x = to_compute(x_in);
@@ -1829,10 +1816,7 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
   const int64_t B = h_in.size(0), N = h_in.size(1), M = w_in.size(0), C = gates.size(1);
   const int64_t chunk = N / C;
   if (B > 0 && M > 0 && N > 0 && amx::applies(h_in, w_in, bias_in, chunk)) {
-    const RowRouting rr = route_rows(gates);
-    const ChunkRouting cr = route_chunks(rr, C);
-    const std::vector<char> dense = dense_chunks(cr, B, C);
-    return amx::gated_input_linear(h_in, w_in, bias_in, chunk, amx_pairs(rr, cr, dense));
+    return amx::gated_input_linear(h_in, w_in, bias_in, chunk, AmxRouting(gates, B, C).pairs());
   }
   auto h = to_compute(h_in);
   auto w = to_compute(w_in);
@@ -1907,10 +1891,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
   check_gated_grad(op, grad_y_in, h_in, "h", M);
   const bool need_dh = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   if (B > 0 && M > 0 && N > 0 && amx::applies(h_in, w_in, c10::nullopt, chunk, &grad_y_in)) {
-    const RowRouting rr = route_rows(gates);
-    const ChunkRouting cr = route_chunks(rr, C);
-    const std::vector<char> dense = dense_chunks(cr, B, C);
-    return amx::gated_input_linear_backward(grad_y_in, h_in, w_in, chunk, amx_pairs(rr, cr, dense), output_mask);
+    return amx::gated_input_linear_backward(grad_y_in, h_in, w_in, chunk, AmxRouting(gates, B, C).pairs(),
+                                            output_mask);
   }
   auto h = to_compute(h_in);
   auto w = to_compute(w_in);
