@@ -251,7 +251,8 @@ def gated_linear(
     outputs set to exact zeros; the same values and gradients up to rounding). Above the
     break-even density, where skipping costs more than it saves, that is faster: on the CPU
     ``stochgate bench`` measured it near 0.2-0.3 for per-unit gates (chunk 1) and near 1 for
-    chunks of 64 in float32, 0.5-0.7 for chunks of 64 in bfloat16 on AMX (see the README). Deciding reads the number of nonzero gates on the host, so
+    chunks of 64 in float32, 0.5-0.7 for chunks of 64 in bfloat16 on AMX (see the README).
+    Deciding reads the number of nonzero gates on the host, so
     on CUDA it synchronises once per call and cannot be captured in a CUDA graph or compiled
     with ``fullgraph=True``; the dense path also reads every weight row, so a NaN in the
     weights of a gated-off chunk reaches ``dx`` (not ``y``).
