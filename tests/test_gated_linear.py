@@ -153,10 +153,13 @@ def _check_float32_kernels(shape, density=0.9, empty_row=False):
 
 
 # Per-unit gating (chunk = 1), float32 forward through the row kernels: K not a multiple of
-# 16, unit blocks with tails, rows without any active unit, one and two threads (rows split).
+# 16, unit blocks with tails, rows without any active unit, one and two threads (rows split),
+# each ISA's kernels (AVX-512 / AVX2 / baseline; the ones the CPU lacks fall back a level).
 @pytest.mark.parametrize("shape", [(150, 1601, 200, 0.1), (37, 83, 57, 0.5), (64, 256, 128, 1.0), (9, 7, 300, 0.02)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_unit_gating_forward_float32(shape, threads):
+@pytest.mark.parametrize("isa", ["", "avx2", "base"])
+def test_cpu_unit_gating_forward_float32(monkeypatch, shape, threads, isa):
+    monkeypatch.setenv("STOCHGATE_CPU_ISA", isa)
     B, K, N, density = shape
     x, w, b, g = _data(B, K, N, N, "cpu", torch.float64, density=density)
     with _num_threads(threads):
@@ -168,16 +171,19 @@ def test_cpu_unit_gating_forward_float32(shape, threads):
 
 
 # Row kernels (chunk < 16), float32: where the K-wide operand's width is a multiple of 128
-# (AVX-512) they read it from a block-major copy; with STOCHGATE_ROW_BLOCKS=0 in place. Every
-# product of both ops against the float64 reference, both ways: unit counts that are and are
-# not multiples of 16 (the transposes' tails), several K blocks, rows without any active unit,
-# widths that are not multiples of 128 (in place either way), one and two threads.
+# (AVX-512 and AVX2) they read it from a block-major copy; with STOCHGATE_ROW_BLOCKS=0 in place.
+# Every product of both ops against the float64 reference, both ways: unit counts that are and
+# are not multiples of 16 (the transposes' tails), several K blocks, rows without any active
+# unit, widths that are not multiples of 128 (in place either way), one and two threads, each
+# ISA's kernels (AVX2 takes a 128-wide K block in two 64-wide halves).
 @pytest.mark.parametrize("shape", [(37, 256, 200, 1, 0.2), (64, 384, 96, 4, 0.5), (5, 128, 48, 2, 0.05),
                                    (20, 200, 64, 1, 0.3)])
 @pytest.mark.parametrize("blocks", ["", "0"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_row_kernels_block_major(monkeypatch, shape, blocks, threads):
+@pytest.mark.parametrize("isa", ["", "avx2", "base"])
+def test_cpu_row_kernels_block_major(monkeypatch, shape, blocks, threads, isa):
     monkeypatch.setenv("STOCHGATE_ROW_BLOCKS", blocks)
+    monkeypatch.setenv("STOCHGATE_CPU_ISA", isa)
     B, K, N, chunk, density = shape
     with _num_threads(threads):
         _check_float32_kernels((B, K, N, N // chunk), density=density, empty_row=True)

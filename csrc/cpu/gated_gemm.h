@@ -76,6 +76,23 @@ template <class V> SG_GG_INLINE V vbcast(const float* p) {
   return V{} + *p;
 }
 
+// Broadcast of a scalar held in a register (vbroadcastss from xmm: AVX2 for 8 lanes,
+// AVX-512F for 16), for the same reasons as vbcast.
+template <class V> SG_GG_INLINE V vsplat(float s) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (VecInfo<V>::L == 16) {
+    V r;
+    asm("vbroadcastss %1, %0" : "=v"(r) : "v"(s));
+    return r;
+  } else if constexpr (VecInfo<V>::L == 8) {
+    V r;
+    asm("vbroadcastss %1, %0" : "=x"(r) : "x"(s));
+    return r;
+  }
+#endif
+  return V{} + s;
+}
+
 // One level of the horizontal-sum tree: lanes of a and b hold partial sums of L/(2S) outputs
 // each, in groups of 2S lanes; the result holds twice as many outputs in groups of S lanes
 // (a's outputs in the low half, b's in the high half).

@@ -229,27 +229,11 @@ ChunkRouting route_chunks(const RowRouting& rr, int64_t C) {
 
 // ---------------------------------------------------------------------------------------
 // Small vector kernels. Written lane-wise so that the compiler vectorises them without
-// reassociating a single accumulator; each is compiled twice (AVX-512 and baseline) and
-// picked at run time.
+// reassociating a single accumulator (the baseline and double versions); float32 has explicit
+// vector versions for AVX-512 and AVX2 (below). Each driver is compiled per ISA and picked at
+// run time (gg_isa).
 
 #define SG_ALWAYS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SG_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
-#define SG_HAVE_MULTIVERSION 1
-#else
-#define SG_AVX512
-#define SG_HAVE_MULTIVERSION 0
-#endif
-
-bool cpu_has_avx512() {
-#if SG_HAVE_MULTIVERSION
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-  return has;
-#else
-  return false;
-#endif
-}
 
 constexpr int kLanes = 16;
 
@@ -264,7 +248,7 @@ struct Blocked {
 // Whether the row kernels read a K-wide float32 operand from a block-major copy.
 template <typename T>
 bool use_row_blocks(int64_t K) {
-  if (!std::is_same_v<T, float> || !cpu_has_avx512() || K == 0 || K % kKBlock != 0) return false;
+  if (!std::is_same_v<T, float> || gg_isa() == 0 || K == 0 || K % kKBlock != 0) return false;
   const char* env = std::getenv("STOCHGATE_ROW_BLOCKS");
   return !(env && std::strcmp(env, "0") == 0);
 }
@@ -321,127 +305,133 @@ SG_ALWAYS_INLINE T dot1(const T* a, const T* w, int64_t K) {
   return r;
 }
 
-#if SG_HAVE_MULTIVERSION
-// Explicit AVX-512 float32 versions: the lane-wise loops above leave their accumulators on
-// the stack (measured: store-forwarding bound), these keep them in zmm registers.
-SG_AVX512 void dot4_f32_avx512(const float* a, const float* w0, const float* w1, const float* w2,
+#if SG_GG_MULTI
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector values inside target-attributed callers only
+// Float32 versions with explicit vectors, gg::v16 in AVX-512 code and gg::v8 in AVX2 code
+// (RowV): the lane-wise loops above leave their accumulators on the stack (measured:
+// store-forwarding bound), these keep them in registers.
+template <int ISA> using RowV = std::conditional_t<ISA == 2, gg::v16, gg::v8>;
+
+template <class V>
+SG_ALWAYS_INLINE void dot4_vec(const float* a, const float* w0, const float* w1, const float* w2,
                                const float* w3, int64_t K, float* out) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(),
-         s3 = _mm512_setzero_ps();
+  constexpr int L = gg::VecInfo<V>::L;
+  V s[4] = {};
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 av = _mm512_loadu_ps(a + k);
-    s0 = _mm512_fmadd_ps(av, _mm512_loadu_ps(w0 + k), s0);
-    s1 = _mm512_fmadd_ps(av, _mm512_loadu_ps(w1 + k), s1);
-    s2 = _mm512_fmadd_ps(av, _mm512_loadu_ps(w2 + k), s2);
-    s3 = _mm512_fmadd_ps(av, _mm512_loadu_ps(w3 + k), s3);
+  for (; k + L <= K; k += L) {
+    const V av = gg::vload<V>(a + k);
+    s[0] += av * gg::vload<V>(w0 + k);
+    s[1] += av * gg::vload<V>(w1 + k);
+    s[2] += av * gg::vload<V>(w2 + k);
+    s[3] += av * gg::vload<V>(w3 + k);
   }
-  if (k < K) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
-    const __m512 av = _mm512_maskz_loadu_ps(m, a + k);
-    s0 = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, w0 + k), s0);
-    s1 = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, w1 + k), s1);
-    s2 = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, w2 + k), s2);
-    s3 = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, w3 + k), s3);
+  gg::hsum_all<V, 4>(s, out);
+  for (; k < K; ++k) {
+    out[0] += a[k] * w0[k];
+    out[1] += a[k] * w1[k];
+    out[2] += a[k] * w2[k];
+    out[3] += a[k] * w3[k];
   }
-  out[0] = _mm512_reduce_add_ps(s0);
-  out[1] = _mm512_reduce_add_ps(s1);
-  out[2] = _mm512_reduce_add_ps(s2);
-  out[3] = _mm512_reduce_add_ps(s3);
 }
 
-SG_AVX512 float dot1_f32_avx512(const float* a, const float* w, int64_t K) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+template <class V>
+SG_ALWAYS_INLINE float dot1_vec(const float* a, const float* w, int64_t K) {
+  constexpr int L = gg::VecInfo<V>::L;
+  V s[2] = {};
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(w + k), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(w + k + 16), s1);
+  for (; k + 2 * L <= K; k += 2 * L) {
+    s[0] += gg::vload<V>(a + k) * gg::vload<V>(w + k);
+    s[1] += gg::vload<V>(a + k + L) * gg::vload<V>(w + k + L);
   }
-  for (; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
-    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, w + k), s0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  for (; k + L <= K; k += L) s[0] += gg::vload<V>(a + k) * gg::vload<V>(w + k);
+  s[0] += s[1];
+  float r;
+  gg::hsum_all<V, 1>(s, &r);
+  for (; k < K; ++k) r += a[k] * w[k];
+  return r;
 }
 
-#define SG_ACC8(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7)
-
-// spmm_rows for float32 with the 128-wide output segment in 8 zmm registers.
+// spmm_rows for float32 with each K block's output segment in registers: 8 accumulators of
+// L lanes, so a 128-wide block in one pass with 16 lanes and in two with 8.
 // Unit n's K block at k0 is w + n * ld + k0 * kstride: row-major (ld = K, kstride = 1) or
 // block-major (ld = 128, kstride = number of units; K a multiple of 128).
-template <typename Coef>
-SG_AVX512 void spmm_rows_f32_avx512(const float* w, int64_t K, int64_t chunk, const RowRouting& rr,
+template <class V, typename Coef>
+SG_ALWAYS_INLINE void spmm_rows_vec(const float* w, int64_t K, int64_t chunk, const RowRouting& rr,
                                     int64_t b0, int64_t b1, const float* init, float* out,
                                     const Coef& coef, int64_t ld, int64_t kstride) {
-  static_assert(kKBlock == 128, "8 zmm accumulators");
+  constexpr int L = gg::VecInfo<V>::L, NA = 8, SEG = NA * L;
+  static_assert(kKBlock % SEG == 0, "whole segments per K block");
   int64_t k0 = 0;
-  for (; k0 + 128 <= K; k0 += 128) {
+  for (; k0 + kKBlock <= K; k0 += kKBlock) {
     for (int64_t b = b0; b < b1; ++b) {
-#define SG_INIT(i) __m512 a##i = init ? _mm512_loadu_ps(init + k0 + 16 * i) : _mm512_setzero_ps();
-      SG_ACC8(SG_INIT)
-#undef SG_INIT
-      for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
-        const int64_t c = rr.chunks[p];
-        for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
-          const __m512 sv = _mm512_set1_ps(coef(b, p, n));
-          const float* wn = w + n * ld + k0 * kstride;
-#define SG_FMA(i) a##i = _mm512_fmadd_ps(sv, _mm512_loadu_ps(wn + 16 * i), a##i);
-          SG_ACC8(SG_FMA)
-#undef SG_FMA
+      for (int64_t h = 0; h < kKBlock; h += SEG) {
+        V acc[NA];
+#pragma GCC unroll 8
+        for (int i = 0; i < NA; ++i) acc[i] = init ? gg::vload<V>(init + k0 + h + i * L) : V{};
+        for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
+          const int64_t c = rr.chunks[p];
+          for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
+            const V sv = gg::vsplat<V>(coef(b, p, n));
+            const float* wn = w + n * ld + k0 * kstride + h;
+#pragma GCC unroll 8
+            for (int i = 0; i < NA; ++i) acc[i] += sv * gg::vload<V>(wn + i * L);
+          }
         }
+        float* o = out + b * K + k0 + h;
+#pragma GCC unroll 8
+        for (int i = 0; i < NA; ++i) gg::vstore(o + i * L, acc[i]);
       }
-      float* o = out + b * K + k0;
-#define SG_STORE(i) _mm512_storeu_ps(o + 16 * i, a##i);
-      SG_ACC8(SG_STORE)
-#undef SG_STORE
     }
   }
   if (k0 < K) spmm_rows(w, K, chunk, rr, b0, b1, init, out, coef, k0);
 }
 
 // spmm_units for float32, likewise; row q's K block at k0 is a + rows[q] * ld + k0 * kstride
-// (as in spmm_rows_f32_avx512). ldt > 0: out is written transposed, (K, ldt) row-major.
-template <typename Coef>
-SG_AVX512 void spmm_units_f32_avx512(const float* a, int64_t K, int64_t chunk,
-                                     const ChunkRouting& cr, int64_t c0, int64_t c1, float* out,
-                                     const Coef& coef, int64_t ld, int64_t kstride, int64_t ldt) {
+// (as in spmm_rows_vec). ldt > 0: out is written transposed, (K, ldt) row-major.
+template <class V, typename Coef>
+SG_ALWAYS_INLINE void spmm_units_vec(const float* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
+                                     int64_t c0, int64_t c1, float* out, const Coef& coef, int64_t ld,
+                                     int64_t kstride, int64_t ldt) {
+  constexpr int L = gg::VecInfo<V>::L, NA = 8, SEG = NA * L;
+  static_assert(kKBlock % SEG == 0, "whole segments per K block");
   int64_t k0 = 0;
-  for (; k0 + 128 <= K; k0 += 128) {
+  for (; k0 + kKBlock <= K; k0 += kKBlock) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
-#define SG_INIT(i) __m512 a##i = _mm512_setzero_ps();
-        SG_ACC8(SG_INIT)
-#undef SG_INIT
-        for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
-          const __m512 sv = _mm512_set1_ps(coef(q, n));
-          const float* ab = a + cr.rows[q] * ld + k0 * kstride;
-#define SG_FMA(i) a##i = _mm512_fmadd_ps(sv, _mm512_loadu_ps(ab + 16 * i), a##i);
-          SG_ACC8(SG_FMA)
-#undef SG_FMA
+        for (int64_t h = 0; h < kKBlock; h += SEG) {
+          V acc[NA];
+#pragma GCC unroll 8
+          for (int i = 0; i < NA; ++i) acc[i] = V{};
+          for (int64_t q = cr.offsets[c]; q < cr.offsets[c + 1]; ++q) {
+            const V sv = gg::vsplat<V>(coef(q, n));
+            const float* ab = a + cr.rows[q] * ld + k0 * kstride + h;
+#pragma GCC unroll 8
+            for (int i = 0; i < NA; ++i) acc[i] += sv * gg::vload<V>(ab + i * L);
+          }
+          if (ldt > 0) {
+            alignas(64) float t[SEG];
+#pragma GCC unroll 8
+            for (int i = 0; i < NA; ++i) gg::vstore(t + i * L, acc[i]);
+            for (int k = 0; k < SEG; ++k) out[(k0 + h + k) * ldt + n] = t[k];
+            continue;
+          }
+          float* o = out + n * K + k0 + h;
+#pragma GCC unroll 8
+          for (int i = 0; i < NA; ++i) gg::vstore(o + i * L, acc[i]);
         }
-        if (ldt > 0) {
-          alignas(64) float t[128];
-#define SG_STORE(i) _mm512_store_ps(t + 16 * i, a##i);
-          SG_ACC8(SG_STORE)
-#undef SG_STORE
-          for (int k = 0; k < 128; ++k) out[(k0 + k) * ldt + n] = t[k];
-          continue;
-        }
-        float* o = out + n * K + k0;
-#define SG_STORE(i) _mm512_storeu_ps(o + 16 * i, a##i);
-        SG_ACC8(SG_STORE)
-#undef SG_STORE
       }
     }
   }
   if (k0 < K) spmm_units(a, K, chunk, cr, c0, c1, out, coef, k0);  // (ldt > 0 only for K % 128 == 0)
 }
-#endif  // SG_HAVE_MULTIVERSION
+#pragma GCC diagnostic pop
+#endif  // SG_GG_MULTI
 
 // Sampled dense-dense product over the active units of rows [b0, b1) and units [n0, n1):
 // out(b, n, <a[b], w[n]>) for each active unit n of row b. `cursor[b]` walks row b's
-// ascending active chunk list across unit blocks.
-template <typename T, typename Out>
+// ascending active chunk list across unit blocks. ISA: 2 AVX-512, 1 AVX2, 0 baseline code.
+template <int ISA, typename T, typename Out>
 SG_ALWAYS_INLINE void sddmm_block(const T* a, const T* w, int64_t K, int64_t chunk,
                                   const RowRouting& rr, std::vector<int64_t>& cursor, int64_t b0,
                                   int64_t b1, int64_t n0, int64_t n1, const Out& out) {
@@ -454,18 +444,16 @@ SG_ALWAYS_INLINE void sddmm_block(const T* a, const T* w, int64_t K, int64_t chu
     int q = 0;
     auto flush = [&](int cnt) {
       T d[4];
-#if SG_HAVE_MULTIVERSION
-      if constexpr (std::is_same_v<T, float>) {
-        if (cpu_has_avx512()) {
-          if (cnt == 4) {
-            dot4_f32_avx512(ab, w + units[0] * K, w + units[1] * K, w + units[2] * K,
-                            w + units[3] * K, K, d);
-          } else {
-            for (int i = 0; i < cnt; ++i) d[i] = dot1_f32_avx512(ab, w + units[i] * K, K);
-          }
-          for (int i = 0; i < cnt; ++i) out(b, units[i], pairs[i], d[i]);
-          return;
+#if SG_GG_MULTI
+      if constexpr (std::is_same_v<T, float> && ISA > 0) {
+        using V = RowV<ISA>;
+        if (cnt == 4) {
+          dot4_vec<V>(ab, w + units[0] * K, w + units[1] * K, w + units[2] * K, w + units[3] * K, K, d);
+        } else {
+          for (int i = 0; i < cnt; ++i) d[i] = dot1_vec<V>(ab, w + units[i] * K, K);
         }
+        for (int i = 0; i < cnt; ++i) out(b, units[i], pairs[i], d[i]);
+        return;
       }
 #endif
       if (cnt == 4) {
@@ -558,7 +546,7 @@ SG_ALWAYS_INLINE void spmm_units(const T* a, int64_t K, int64_t chunk, const Chu
 // Calls out(b, n, pair, <a[b], w[n]>) for every active unit of rows [b0, b1); unit blocks
 // sized for L2. (Lambdas do not inherit a target attribute, so the per-thread bodies are
 // target functions of their own, called from the parallel_for lambdas.)
-template <typename T, typename Out>
+template <int ISA, typename T, typename Out>
 SG_ALWAYS_INLINE void sddmm_range(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
                                   const RowRouting& rr, int64_t b0, int64_t b1, const Out& out) {
   const int64_t nb =
@@ -566,20 +554,26 @@ SG_ALWAYS_INLINE void sddmm_range(const T* a, const T* w, int64_t N, int64_t K, 
   std::vector<int64_t> cursor(b1 - b0);
   for (int64_t b = b0; b < b1; ++b) cursor[b - b0] = rr.offsets[b];
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    sddmm_block(a, w, K, chunk, rr, cursor, b0, b1, n0, std::min(N, n0 + nb), out);
+    sddmm_block<ISA>(a, w, K, chunk, rr, cursor, b0, b1, n0, std::min(N, n0 + nb), out);
   }
 }
 
 template <typename T, typename Out>
-SG_AVX512 void sddmm_range_avx512(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
+SG_GG_TARGET_AVX512 void sddmm_range_avx512(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
                                   const RowRouting& rr, int64_t b0, int64_t b1, const Out& out) {
-  sddmm_range(a, w, N, K, chunk, rr, b0, b1, out);
+  sddmm_range<2>(a, w, N, K, chunk, rr, b0, b1, out);
+}
+
+template <typename T, typename Out>
+SG_GG_TARGET_AVX2 void sddmm_range_avx2(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
+                                        const RowRouting& rr, int64_t b0, int64_t b1, const Out& out) {
+  sddmm_range<1>(a, w, N, K, chunk, rr, b0, b1, out);
 }
 
 template <typename T, typename Out>
 void sddmm_range_base(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
                       const RowRouting& rr, int64_t b0, int64_t b1, const Out& out) {
-  sddmm_range(a, w, N, K, chunk, rr, b0, b1, out);
+  sddmm_range<0>(a, w, N, K, chunk, rr, b0, b1, out);
 }
 
 // Sampled dense-dense product: out(b, n, pair, <a[b], w[n]>) for every active unit n of every
@@ -587,28 +581,41 @@ void sddmm_range_base(const T* a, const T* w, int64_t N, int64_t K, int64_t chun
 template <typename T, typename Out>
 void sddmm(const T* a, const T* w, int64_t B, int64_t N, int64_t K, int64_t chunk,
            const RowRouting& rr, const Out& out) {
-  const bool avx512 = cpu_has_avx512();
+  const int isa = gg_isa();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    if (avx512) {
-      sddmm_range_avx512(a, w, N, K, chunk, rr, b0, b1, out);
-    } else {
-      sddmm_range_base(a, w, N, K, chunk, rr, b0, b1, out);
-    }
+    if (isa == 2) sddmm_range_avx512(a, w, N, K, chunk, rr, b0, b1, out);
+    else if (isa == 1) sddmm_range_avx2(a, w, N, K, chunk, rr, b0, b1, out);
+    else sddmm_range_base(a, w, N, K, chunk, rr, b0, b1, out);
   });
 }
 
-template <typename T, typename Coef>
-SG_AVX512 void spmm_rows_avx512(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
-                                int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
-                                const Blocked& bl) {
-#if SG_HAVE_MULTIVERSION
-  if constexpr (std::is_same_v<T, float>) {
-    if (bl.p) spmm_rows_f32_avx512(bl.p, K, chunk, rr, b0, b1, init, out, coef, kKBlock, bl.rows);
-    else spmm_rows_f32_avx512(w, K, chunk, rr, b0, b1, init, out, coef, K, 1);
+template <int ISA, typename T, typename Coef>
+SG_ALWAYS_INLINE void spmm_rows_isa(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
+                                    int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
+                                    const Blocked& bl) {
+#if SG_GG_MULTI
+  if constexpr (std::is_same_v<T, float> && ISA > 0) {
+    using V = RowV<ISA>;
+    if (bl.p) spmm_rows_vec<V>(bl.p, K, chunk, rr, b0, b1, init, out, coef, kKBlock, bl.rows);
+    else spmm_rows_vec<V>(w, K, chunk, rr, b0, b1, init, out, coef, K, 1);
     return;
   }
 #endif
   spmm_rows(w, K, chunk, rr, b0, b1, init, out, coef);
+}
+
+template <typename T, typename Coef>
+SG_GG_TARGET_AVX512 void spmm_rows_avx512(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
+                                int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
+                                const Blocked& bl) {
+  spmm_rows_isa<2>(w, K, chunk, rr, b0, b1, init, out, coef, bl);
+}
+
+template <typename T, typename Coef>
+SG_GG_TARGET_AVX2 void spmm_rows_avx2(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
+                                      int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
+                                      const Blocked& bl) {
+  spmm_rows_isa<1>(w, K, chunk, rr, b0, b1, init, out, coef, bl);
 }
 
 template <typename T, typename Coef>
@@ -622,27 +629,38 @@ void spmm_rows_base(const T* w, int64_t K, int64_t chunk, const RowRouting& rr, 
 template <typename T, typename Coef>
 void spmm_rows_all(const T* w, int64_t B, int64_t K, int64_t chunk, const RowRouting& rr,
                    const T* init, T* out, const Coef& coef, const Blocked& bl = {}) {
-  const bool avx512 = cpu_has_avx512();
+  const int isa = gg_isa();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    if (avx512) {
-      spmm_rows_avx512(w, K, chunk, rr, b0, b1, init, out, coef, bl);
-    } else {
-      spmm_rows_base(w, K, chunk, rr, b0, b1, init, out, coef);
-    }
+    if (isa == 2) spmm_rows_avx512(w, K, chunk, rr, b0, b1, init, out, coef, bl);
+    else if (isa == 1) spmm_rows_avx2(w, K, chunk, rr, b0, b1, init, out, coef, bl);
+    else spmm_rows_base(w, K, chunk, rr, b0, b1, init, out, coef);
   });
 }
 
-template <typename T, typename Coef>
-SG_AVX512 void spmm_units_avx512(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
-                                 int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
-#if SG_HAVE_MULTIVERSION
-  if constexpr (std::is_same_v<T, float>) {
-    if (bl.p) spmm_units_f32_avx512(bl.p, K, chunk, cr, c0, c1, out, coef, kKBlock, bl.rows, bl.out_t);
-    else spmm_units_f32_avx512(a, K, chunk, cr, c0, c1, out, coef, K, 1, 0);
+template <int ISA, typename T, typename Coef>
+SG_ALWAYS_INLINE void spmm_units_isa(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
+                                     int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
+#if SG_GG_MULTI
+  if constexpr (std::is_same_v<T, float> && ISA > 0) {
+    using V = RowV<ISA>;
+    if (bl.p) spmm_units_vec<V>(bl.p, K, chunk, cr, c0, c1, out, coef, kKBlock, bl.rows, bl.out_t);
+    else spmm_units_vec<V>(a, K, chunk, cr, c0, c1, out, coef, K, 1, 0);
     return;
   }
 #endif
   spmm_units(a, K, chunk, cr, c0, c1, out, coef);
+}
+
+template <typename T, typename Coef>
+SG_GG_TARGET_AVX512 void spmm_units_avx512(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
+                                 int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
+  spmm_units_isa<2>(a, K, chunk, cr, c0, c1, out, coef, bl);
+}
+
+template <typename T, typename Coef>
+SG_GG_TARGET_AVX2 void spmm_units_avx2(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
+                                       int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
+  spmm_units_isa<1>(a, K, chunk, cr, c0, c1, out, coef, bl);
 }
 
 template <typename T, typename Coef>
@@ -656,13 +674,11 @@ void spmm_units_base(const T* a, int64_t K, int64_t chunk, const ChunkRouting& c
 template <typename T, typename Coef>
 void spmm_units_all(const T* a, int64_t C, int64_t K, int64_t chunk, const ChunkRouting& cr,
                     T* out, const Coef& coef, const Blocked& bl = {}) {
-  const bool avx512 = cpu_has_avx512();
+  const int isa = gg_isa();
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    if (avx512) {
-      spmm_units_avx512(a, K, chunk, cr, c0, c1, out, coef, bl);
-    } else {
-      spmm_units_base(a, K, chunk, cr, c0, c1, out, coef);
-    }
+    if (isa == 2) spmm_units_avx512(a, K, chunk, cr, c0, c1, out, coef, bl);
+    else if (isa == 1) spmm_units_avx2(a, K, chunk, cr, c0, c1, out, coef, bl);
+    else spmm_units_base(a, K, chunk, cr, c0, c1, out, coef);
   });
 }
 
@@ -914,6 +930,20 @@ SG_GG_TARGET_AVX512 __attribute__((noinline)) void outer_gather_6x4_avx512(
   gg::outer_gather<gg::v16, 6, 4>(P, a, lda, nullptr, b, ldb, nullptr, acc);
   gg::tile_out<gg::v16, 6, 4, false>(acc, c, 64);
 }
+// The AVX2 tiles (6 rows x 16 columns) likewise: inlined, GCC kept three of the six row
+// pointers on the stack and reloaded them every reduction step.
+SG_GG_TARGET_AVX2 __attribute__((noinline)) void outer_tile_6x2_add_avx2(
+    int64_t P, const float* const* a, const float* b, int64_t ldb, float* const* c) {
+  gg::v8 acc[6][2];
+  gg::outer_rows<gg::v8, 6, 2>(P, a, b, ldb, acc);
+  gg::tile_out<gg::v8, 6, 2, true>(acc, c, 16);
+}
+SG_GG_TARGET_AVX2 __attribute__((noinline)) void outer_gather_6x2_avx2(
+    int64_t P, const float* a, int64_t lda, const float* b, int64_t ldb, float* const* c) {
+  gg::v8 acc[6][2];
+  gg::outer_gather<gg::v8, 6, 2>(P, a, lda, nullptr, b, ldb, nullptr, acc);
+  gg::tile_out<gg::v8, 6, 2, false>(acc, c, 16);
+}
 #endif
 
 // The outer-product tiles as the drivers call them: full AVX-512 tiles out of line (above),
@@ -925,6 +955,9 @@ SG_GG_INLINE void outer_rows_add(int mr, int nv, int64_t P, const float* const* 
   if constexpr (std::is_same_v<Isa, gg::IsaAvx512> && Isa::MR == 6 && Isa::NV == 4) {
     if (mr == 6 && ncols == 64) return outer_tile_6x4_add_avx512(P, a, b, ldb, c);
   }
+  if constexpr (std::is_same_v<Isa, gg::IsaAvx2> && Isa::MR == 6 && Isa::NV == 2) {
+    if (mr == 6 && ncols == 16) return outer_tile_6x2_add_avx2(P, a, b, ldb, c);
+  }
 #endif
   gg::outer_rows_pick<typename Isa::V, Isa::MR, Isa::NV, true>(mr, nv, P, a, b, ldb, c, ncols);
 }
@@ -934,6 +967,9 @@ SG_GG_INLINE void outer_gather_store(int mr, int nv, int64_t P, const float* a, 
 #if SG_GG_MULTI
   if constexpr (std::is_same_v<Isa, gg::IsaAvx512> && Isa::MR == 6 && Isa::NV == 4) {
     if (mr == 6 && ncols == 64) return outer_gather_6x4_avx512(P, a, lda, b, ldb, c);
+  }
+  if constexpr (std::is_same_v<Isa, gg::IsaAvx2> && Isa::MR == 6 && Isa::NV == 2) {
+    if (mr == 6 && ncols == 16) return outer_gather_6x2_avx2(P, a, lda, b, ldb, c);
   }
 #endif
   gg::outer_gather_pick<typename Isa::V, Isa::MR, Isa::NV>(mr, nv, P, a, lda, nullptr, b, ldb, nullptr, c,
@@ -1044,68 +1080,80 @@ SG_GG_INLINE void gl_fwd_chunks(const GlFwdArgs& a, int64_t c0, int64_t c1) {
 SG_GG_VARIANTS(gl_fwd_chunks, GlFwdArgs)
 
 // gated_linear forward, outer-product form, per chunk (chunk a multiple of the vector width):
-// per K block the chunk's weights are transposed into a K-major panel (L1-resident), then
-// every tile of MR active rows accumulates x[row, K block] (broadcasts, read in place through
-// the row list) times the panel straight into y[row, chunk]; gate and bias at the end. The
-// transpose costs one pass over the weights per forward, shared by all of a chunk's rows.
+// per K block the chunk's weights are transposed into K-major panels of PW columns
+// (L1-resident), then every tile of MR active rows accumulates x[row, K block] (broadcasts,
+// read in place through the row list) times a panel into the chunk's packed output rows; gate
+// and bias at the end. The transpose costs one pass over the weights per forward, shared by
+// all of a chunk's rows.
 template <class Isa>
 SG_GG_INLINE void gl_fwd_outer(const GlFwdArgs& a, int64_t c0, int64_t c1) {
   using V = typename Isa::V;
   constexpr int MR = Isa::MR, NV = Isa::NV, L = gg::VecInfo<V>::L, PW = NV * L;
-  // K block: the transposed weight panel (KB x PW floats, 32 KiB) stays in L1 (measured at 1
-  // thread, d = 0.1..0.5: 64 / 256 / 512 no better than 128).
+  // K block: one panel (KB x PW floats, 32 KiB) stays in L1 (measured at 1 thread, d =
+  // 0.1..0.5: AVX-512 with KB 64 / 256 / 512 no better than 128; AVX2 on a Zen 3 with 32 KiB
+  // L1, 8 / 16 / 32 KiB panels: 8 KiB 5% slower, 16 and 32 alike).
   constexpr int64_t KB = std::max<int64_t>(L, (int64_t(32) << 10) / (PW * 4) / L * L);
   const int64_t K = a.K, N = a.N, chunk = a.chunk;
-  std::vector<float> panel(KB * PW);
-  // The chunk's output rows are accumulated packed, (n, PW) contiguous, then scaled and
-  // scattered into y: in place they are a power-of-two stride apart (measured, 2 threads,
-  // d = 0.5: 15.06 -> 14.20 ms; no change at 0.1).
+  const int64_t npan = (chunk + PW - 1) / PW;
+  std::vector<float> panel(npan * KB * PW);
+  // Row blocks: a block's x rows (RB x KB) stay in L2 while the chunk's panels (chunk > PW:
+  // AVX2, or wide chunks) take turns over them, so x is read from memory once per K block.
+  constexpr int64_t RB = std::max<int64_t>(MR, (int64_t(192) << 10) / (KB * 4) / MR * MR);
+  // The chunk's output rows are accumulated packed, (n, chunk) contiguous, then scaled and
+  // scattered into y: in place they are a power-of-two stride apart (measured, AVX-512,
+  // 2 threads, d = 0.5: 15.06 -> 14.20 ms; no change at 0.1).
   std::vector<float> yp;
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t off = a.cr->offsets[c], n = a.cr->offsets[c + 1] - off;
     if (n == 0) continue;
     const int64_t* rows = a.cr->rows.data() + off;
     const double* gate = a.cr->gate.data() + off;
-    for (int64_t u0 = 0; u0 < chunk; u0 += PW) {
-      const int nu = static_cast<int>(std::min<int64_t>(PW, chunk - u0));
-      const int nv = nu / L;
-      const int64_t col = c * chunk + u0;
-      // Accumulated into yp over the K blocks (one instantiation of the tile: a second one, for
-      // the first block's plain store, made GCC spill accumulators of both to the stack).
-      yp.assign(n * PW, 0.f);
-      for (int64_t k0 = 0; k0 < K; k0 += KB) {
-        const int64_t kw = std::min(KB, K - k0);
-        gg::pack_transposed<V>(a.w + col * K + k0, K, nu, kw, panel.data(), PW);
-        for (int64_t i0 = 0; i0 < n; i0 += MR) {
-          const int mr = static_cast<int>(std::min<int64_t>(MR, n - i0));
-          const float* xr[MR];
-          float* yr[MR];
-          for (int r = 0; r < mr; ++r) {
-            xr[r] = a.x + rows[i0 + r] * K + k0;
-            yr[r] = yp.data() + (i0 + r) * PW;
-          }
-          {
-            // Prefetch the next tile's x rows (scattered, so the hardware streamers restart at
-            // each one): about 8% at d = 0.1, 1 thread.
-            const int64_t ie = std::min(n, i0 + 2 * MR);
-            for (int64_t i = i0 + MR; i < ie; ++i) {
-              const char* px = reinterpret_cast<const char*>(a.x + rows[i] * K + k0);
-              for (int64_t byte = 0; byte < kw * 4; byte += 64) __builtin_prefetch(px + byte, 0, 2);
+    const int64_t col0 = c * chunk;
+    // Accumulated into yp over the K blocks (one instantiation of the tile: a second one, for
+    // the first block's plain store, made GCC spill accumulators of both to the stack).
+    yp.assign(n * chunk, 0.f);
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kw = std::min(KB, K - k0);
+      for (int64_t p = 0; p < npan; ++p) {
+        const int nu = static_cast<int>(std::min<int64_t>(PW, chunk - p * PW));
+        gg::pack_transposed<V>(a.w + (col0 + p * PW) * K + k0, K, nu, kw, panel.data() + p * KB * PW, PW);
+      }
+      for (int64_t rb = 0; rb < n; rb += RB) {
+        const int64_t re = std::min(n, rb + RB);
+        for (int64_t p = 0; p < npan; ++p) {
+          const int nu = static_cast<int>(std::min<int64_t>(PW, chunk - p * PW));
+          const int nv = nu / L;
+          for (int64_t i0 = rb; i0 < re; i0 += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, re - i0));
+            const float* xr[MR];
+            float* yr[MR];
+            for (int r = 0; r < mr; ++r) {
+              xr[r] = a.x + rows[i0 + r] * K + k0;
+              yr[r] = yp.data() + (i0 + r) * chunk + p * PW;
             }
+            if (p == 0) {
+              // Prefetch the next tile's x rows (scattered, so the hardware streamers restart
+              // at each one) in the first panel's pass: about 8% at d = 0.1, 1 thread.
+              const int64_t ie = std::min(re, i0 + 2 * MR);
+              for (int64_t i = i0 + MR; i < ie; ++i) {
+                const char* px = reinterpret_cast<const char*>(a.x + rows[i] * K + k0);
+                for (int64_t byte = 0; byte < kw * 4; byte += 64) __builtin_prefetch(px + byte, 0, 2);
+              }
+            }
+            outer_rows_add<Isa>(mr, nv, kw, xr, panel.data() + p * KB * PW, PW, yr, nu);
           }
-          outer_rows_add<Isa>(mr, nv, kw, xr, panel.data(), PW, yr, nu);
         }
       }
-      const float* bc = a.bias ? a.bias + col : nullptr;
-      for (int64_t i = 0; i < n; ++i) {
-        const float g = static_cast<float>(gate[i]);
-        float* yb = a.y + rows[i] * N + col;
-        const float* acc = yp.data() + i * PW;
-        if (bc) {
-          for (int u = 0; u < nu; ++u) yb[u] = g * (acc[u] + bc[u]);
-        } else {
-          for (int u = 0; u < nu; ++u) yb[u] = g * acc[u];
-        }
+    }
+    const float* bc = a.bias ? a.bias + col0 : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = static_cast<float>(gate[i]);
+      float* yb = a.y + rows[i] * N + col0;
+      const float* acc = yp.data() + i * chunk;
+      if (bc) {
+        for (int64_t u = 0; u < chunk; ++u) yb[u] = g * (acc[u] + bc[u]);
+      } else {
+        for (int64_t u = 0; u < chunk; ++u) yb[u] = g * acc[u];
       }
     }
   }
@@ -1173,7 +1221,8 @@ bool gl_fwd_use_outer(int isa, int64_t chunk) {
 int64_t slab_block(int64_t B, int64_t cols) {
   const int64_t panels = (cols + 63) / 64;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t by_cache = std::max<int64_t>(1, (int64_t(1) << 20) / (std::max<int64_t>(B, 1) * 4 * 64));
+  const int64_t sbytes = std::getenv("SGX_SLAB") ? std::atol(std::getenv("SGX_SLAB")) : 1024;
+  const int64_t by_cache = std::max<int64_t>(1, (sbytes << 10) / (std::max<int64_t>(B, 1) * 4 * 64));
   const int64_t by_par = std::max<int64_t>(1, (panels + threads - 1) / threads);
   return 64 * std::min(by_cache, by_par);
 }
