@@ -352,6 +352,19 @@ SG_ALWAYS_INLINE float dot1_vec(const float* a, const float* w, int64_t K) {
   return r;
 }
 
+// Out of line, so that callers inside lambdas (which do not inherit a target attribute) get
+// the vector code.
+SG_GG_TARGET_AVX512 void dot4_avx512(const float* a, const float* w0, const float* w1, const float* w2,
+                                     const float* w3, int64_t K, float* out) {
+  dot4_vec<gg::v16>(a, w0, w1, w2, w3, K, out);
+}
+SG_GG_TARGET_AVX2 void dot4_avx2(const float* a, const float* w0, const float* w1, const float* w2,
+                                 const float* w3, int64_t K, float* out) {
+  dot4_vec<gg::v8>(a, w0, w1, w2, w3, K, out);
+}
+SG_GG_TARGET_AVX512 float dot1_avx512(const float* a, const float* w, int64_t K) { return dot1_vec<gg::v16>(a, w, K); }
+SG_GG_TARGET_AVX2 float dot1_avx2(const float* a, const float* w, int64_t K) { return dot1_vec<gg::v8>(a, w, K); }
+
 // spmm_rows for float32 with each K block's output segment in registers: 8 accumulators of
 // L lanes, so a 128-wide block in one pass with 16 lanes and in two with 8.
 // Unit n's K block at k0 is w + n * ld + k0 * kstride: row-major (ld = K, kstride = 1) or
@@ -446,11 +459,12 @@ SG_ALWAYS_INLINE void sddmm_block(const T* a, const T* w, int64_t K, int64_t chu
       T d[4];
 #if SG_GG_MULTI
       if constexpr (std::is_same_v<T, float> && ISA > 0) {
-        using V = RowV<ISA>;
+        constexpr auto dot4 = ISA == 2 ? dot4_avx512 : dot4_avx2;
+        constexpr auto dot1 = ISA == 2 ? dot1_avx512 : dot1_avx2;
         if (cnt == 4) {
-          dot4_vec<V>(ab, w + units[0] * K, w + units[1] * K, w + units[2] * K, w + units[3] * K, K, d);
+          dot4(ab, w + units[0] * K, w + units[1] * K, w + units[2] * K, w + units[3] * K, K, d);
         } else {
-          for (int i = 0; i < cnt; ++i) d[i] = dot1_vec<V>(ab, w + units[i] * K, K);
+          for (int i = 0; i < cnt; ++i) d[i] = dot1(ab, w + units[i] * K, K);
         }
         for (int i = 0; i < cnt; ++i) out(b, units[i], pairs[i], d[i]);
         return;
