@@ -455,11 +455,12 @@ def test_nan_in_skipped_chunks_does_not_leak(device, C):
     assert torch.isfinite(stochgate.gated_linear(x, w_nan, b, g_col)).all()
 
 
-# Routing (which pairs are active) takes 16 float32 gates per compare on AVX-512 CPUs and one
-# at a time otherwise (STOCHGATE_CPU_ISA=base); float16/bfloat16 gates route as float32. Both
-# ways: -0 is off, NaN and subnormal gates are on (NaN reaches its chunk's outputs), at
-# positions inside and past the last whole group of 16 chunks, in rows with 0..C active chunks.
-@pytest.mark.parametrize("isa", ["", "base"])
+# Routing (which pairs are active) takes 16 float32 gates per compare on AVX-512 CPUs, 8 on
+# AVX2 ones and one at a time otherwise (STOCHGATE_CPU_ISA=base); float16/bfloat16 gates route
+# as float32. Every way: -0 is off, NaN and subnormal gates are on (NaN reaches its chunk's
+# outputs), at positions inside and past the last whole group of 16 chunks, in rows with 0..C
+# active chunks.
+@pytest.mark.parametrize("isa", ["", "avx2", "base"])
 @pytest.mark.parametrize("gdtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("C", [37, 16, 5])
 def test_cpu_routing_special_gate_values(monkeypatch, isa, gdtype, C):

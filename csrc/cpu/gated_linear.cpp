@@ -113,6 +113,37 @@ SG_GG_TARGET_AVX512 void list_active_avx512(const float* g, int64_t C, int64_t* 
     }
   }
 }
+
+// The same with AVX2: 8 gates per compare, the active ones listed from the compare's bit mask
+// (no compress instruction; at the densities worth gating few bits are set).
+SG_GG_TARGET_AVX2 int64_t count_active_avx2(const float* g, int64_t C) {
+  const __m256 z = _mm256_setzero_ps();
+  int64_t n = 0, c = 0;
+  for (; c + 8 <= C; c += 8) {
+    n += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(g + c), z, _CMP_NEQ_UQ)));
+  }
+  for (; c < C; ++c) n += g[c] != 0.f;
+  return n;
+}
+SG_GG_TARGET_AVX2 void list_active_avx2(const float* g, int64_t C, int64_t* chunks, double* gate) {
+  const __m256 z = _mm256_setzero_ps();
+  int64_t p = 0, c = 0;
+  for (; c + 8 <= C; c += 8) {
+    for (unsigned m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(g + c), z, _CMP_NEQ_UQ)); m; m &= m - 1) {
+      const int64_t i = c + __builtin_ctz(m);
+      chunks[p] = i;
+      gate[p] = static_cast<double>(g[i]);
+      ++p;
+    }
+  }
+  for (; c < C; ++c) {
+    if (g[c] != 0.f) {
+      chunks[p] = c;
+      gate[p] = static_cast<double>(g[c]);
+      ++p;
+    }
+  }
+}
 #endif
 
 template <typename g_t>
@@ -124,16 +155,19 @@ RowRouting route_rows_impl(const at::Tensor& gates) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
 #if SG_GG_MULTI
   if constexpr (std::is_same_v<g_t, float>) {
-    if (gg_isa() == 2 && C < (int64_t(1) << 31)) {
+    const int isa = gg_isa();
+    if (isa > 0 && C < (int64_t(1) << 31)) {
+      const auto count = isa == 2 ? count_active_avx512 : count_active_avx2;
+      const auto list = isa == 2 ? list_active_avx512 : list_active_avx2;
       at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) r.offsets[b + 1] = count_active_avx512(g + b * C, C);
+        for (int64_t b = b0; b < b1; ++b) r.offsets[b + 1] = count(g + b * C, C);
       });
       for (int64_t b = 0; b < B; ++b) r.offsets[b + 1] += r.offsets[b];
       r.chunks.resize(r.offsets[B]);
       r.gate.resize(r.offsets[B]);
       at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          list_active_avx512(g + b * C, C, r.chunks.data() + r.offsets[b], r.gate.data() + r.offsets[b]);
+          list(g + b * C, C, r.chunks.data() + r.offsets[b], r.gate.data() + r.offsets[b]);
         }
       });
       return r;
@@ -313,57 +347,57 @@ SG_ALWAYS_INLINE T dot1(const T* a, const T* w, int64_t K) {
 // store-forwarding bound), these keep them in registers.
 template <int ISA> using RowV = std::conditional_t<ISA == 2, gg::v16, gg::v8>;
 
-template <class V>
-SG_ALWAYS_INLINE void dot4_vec(const float* a, const float* w0, const float* w1, const float* w2,
-                               const float* w3, int64_t K, float* out) {
+// out[u] = <a, w[u]> over K elements for NU units sharing the loads of a; two accumulators per
+// unit (two K halves of each 2L step) so that even one unit has independent FMA chains.
+template <class V, int NU>
+SG_ALWAYS_INLINE void dotn_vec(const float* a, const float* const* w, int64_t K, float* out) {
   constexpr int L = gg::VecInfo<V>::L;
-  V s[4] = {};
+  V s[2 * NU] = {};
+  const float* wp[NU];
+#pragma GCC unroll 4
+  for (int u = 0; u < NU; ++u) wp[u] = w[u];
   int64_t k = 0;
-  for (; k + L <= K; k += L) {
-    const V av = gg::vload<V>(a + k);
-    s[0] += av * gg::vload<V>(w0 + k);
-    s[1] += av * gg::vload<V>(w1 + k);
-    s[2] += av * gg::vload<V>(w2 + k);
-    s[3] += av * gg::vload<V>(w3 + k);
+  for (; k + 2 * L <= K; k += 2 * L) {
+    const V a0 = gg::vload<V>(a + k), a1 = gg::vload<V>(a + k + L);
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; ++u) {
+      s[u] += a0 * gg::vload<V>(wp[u] + k);
+      s[NU + u] += a1 * gg::vload<V>(wp[u] + k + L);
+    }
   }
-  gg::hsum_all<V, 4>(s, out);
+  if (k + L <= K) {
+    const V a0 = gg::vload<V>(a + k);
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; ++u) s[u] += a0 * gg::vload<V>(wp[u] + k);
+    k += L;
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < NU; ++u) s[u] += s[NU + u];
+  gg::hsum_all<V, NU>(s, out);
   for (; k < K; ++k) {
-    out[0] += a[k] * w0[k];
-    out[1] += a[k] * w1[k];
-    out[2] += a[k] * w2[k];
-    out[3] += a[k] * w3[k];
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; ++u) out[u] += a[k] * wp[u][k];
   }
 }
 
 template <class V>
-SG_ALWAYS_INLINE float dot1_vec(const float* a, const float* w, int64_t K) {
-  constexpr int L = gg::VecInfo<V>::L;
-  V s[2] = {};
-  int64_t k = 0;
-  for (; k + 2 * L <= K; k += 2 * L) {
-    s[0] += gg::vload<V>(a + k) * gg::vload<V>(w + k);
-    s[1] += gg::vload<V>(a + k + L) * gg::vload<V>(w + k + L);
+SG_ALWAYS_INLINE void dotn_pick(const float* a, const float* const* w, int nu, int64_t K, float* out) {
+  switch (nu) {
+    case 4: return dotn_vec<V, 4>(a, w, K, out);
+    case 3: return dotn_vec<V, 3>(a, w, K, out);
+    case 2: return dotn_vec<V, 2>(a, w, K, out);
+    default: return dotn_vec<V, 1>(a, w, K, out);
   }
-  for (; k + L <= K; k += L) s[0] += gg::vload<V>(a + k) * gg::vload<V>(w + k);
-  s[0] += s[1];
-  float r;
-  gg::hsum_all<V, 1>(s, &r);
-  for (; k < K; ++k) r += a[k] * w[k];
-  return r;
 }
 
 // Out of line, so that callers inside lambdas (which do not inherit a target attribute) get
 // the vector code.
-SG_GG_TARGET_AVX512 void dot4_avx512(const float* a, const float* w0, const float* w1, const float* w2,
-                                     const float* w3, int64_t K, float* out) {
-  dot4_vec<gg::v16>(a, w0, w1, w2, w3, K, out);
+SG_GG_TARGET_AVX512 void dotn_avx512(const float* a, const float* const* w, int nu, int64_t K, float* out) {
+  dotn_pick<gg::v16>(a, w, nu, K, out);
 }
-SG_GG_TARGET_AVX2 void dot4_avx2(const float* a, const float* w0, const float* w1, const float* w2,
-                                 const float* w3, int64_t K, float* out) {
-  dot4_vec<gg::v8>(a, w0, w1, w2, w3, K, out);
+SG_GG_TARGET_AVX2 void dotn_avx2(const float* a, const float* const* w, int nu, int64_t K, float* out) {
+  dotn_pick<gg::v8>(a, w, nu, K, out);
 }
-SG_GG_TARGET_AVX512 float dot1_avx512(const float* a, const float* w, int64_t K) { return dot1_vec<gg::v16>(a, w, K); }
-SG_GG_TARGET_AVX2 float dot1_avx2(const float* a, const float* w, int64_t K) { return dot1_vec<gg::v8>(a, w, K); }
 
 // spmm_rows for float32 with each K block's output segment in registers: 8 accumulators of
 // L lanes, so a 128-wide block in one pass with 16 lanes and in two with 8.
@@ -459,13 +493,10 @@ SG_ALWAYS_INLINE void sddmm_block(const T* a, const T* w, int64_t K, int64_t chu
       T d[4];
 #if SG_GG_MULTI
       if constexpr (std::is_same_v<T, float> && ISA > 0) {
-        constexpr auto dot4 = ISA == 2 ? dot4_avx512 : dot4_avx2;
-        constexpr auto dot1 = ISA == 2 ? dot1_avx512 : dot1_avx2;
-        if (cnt == 4) {
-          dot4(ab, w + units[0] * K, w + units[1] * K, w + units[2] * K, w + units[3] * K, K, d);
-        } else {
-          for (int i = 0; i < cnt; ++i) d[i] = dot1(ab, w + units[i] * K, K);
-        }
+        const float* wu[4];
+        for (int i = 0; i < cnt; ++i) wu[i] = w + units[i] * K;
+        if constexpr (ISA == 2) dotn_avx512(ab, wu, cnt, K, d);
+        else dotn_avx2(ab, wu, cnt, K, d);
         for (int i = 0; i < cnt; ++i) out(b, units[i], pairs[i], d[i]);
         return;
       }
@@ -600,6 +631,30 @@ void sddmm(const T* a, const T* w, int64_t B, int64_t N, int64_t K, int64_t chun
     if (isa == 2) sddmm_range_avx512(a, w, N, K, chunk, rr, b0, b1, out);
     else if (isa == 1) sddmm_range_avx2(a, w, N, K, chunk, rr, b0, b1, out);
     else sddmm_range_base(a, w, N, K, chunk, rr, b0, b1, out);
+  });
+}
+
+// out (B, N) from the sampled products: out[b, n] = f(p, n, <a[b], w[n]>) for the active units
+// of each row (pair p), exact zeros elsewhere. The products go to a packed per-pair buffer
+// first, then each row is zeroed and filled in one pass while it sits in L1: written in place
+// by the sampled product, out's rows were fetched again (long evicted after the zero fill) for
+// scattered single-float stores.
+template <typename T, typename F>
+void sddmm_rows_out(const T* a, const T* w, int64_t B, int64_t N, int64_t K, int64_t chunk,
+                    const RowRouting& rr, T* out, const F& f) {
+  std::vector<T> d(rr.chunks.size() * chunk);
+  sddmm(a, w, B, N, K, chunk, rr, [&](int64_t, int64_t n, int64_t p, T v) {
+    d[p * chunk + n - rr.chunks[p] * chunk] = v;
+  });
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* o = out + b * N;
+      std::fill(o, o + N, T(0));
+      for (int64_t p = rr.offsets[b]; p < rr.offsets[b + 1]; ++p) {
+        const int64_t n0 = rr.chunks[p] * chunk;
+        for (int64_t j = 0; j < chunk; ++j) o[n0 + j] = f(p, n0 + j, d[p * chunk + j]);
+      }
+    }
   });
 }
 
@@ -1569,12 +1624,9 @@ at::Tensor gated_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
     const T* pb = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
     T* py = y.mutable_data_ptr<T>();
     if (chunk < kGemmMinChunk) {
-      // Gated-off chunks are never computed: zero them, then fill the active units.
-      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-        std::fill(py + b0 * N, py + b1 * N, T(0));
-      });
-      sddmm(px, pw, B, N, K, chunk, rr, [&](int64_t b, int64_t n, int64_t p, T d) {
-        py[b * N + n] = static_cast<T>(rr.gate[p]) * (pb ? d + pb[n] : d);
+      // Gated-off chunks are never computed: zeros there, the active units filled in.
+      sddmm_rows_out(px, pw, B, N, K, chunk, rr, py, [&](int64_t p, int64_t n, T d) {
+        return static_cast<T>(rr.gate[p]) * (pb ? d + pb[n] : d);
       });
       return;
     }
@@ -1983,12 +2035,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
       if (need_dh) {
         // (N, M): unit n's weights contiguous
         const at::Tensor wt = transposed(w);
-        T* pdh = dh.mutable_data_ptr<T>();
-        at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-          std::fill(pdh + b0 * N, pdh + b1 * N, T(0));
-        });
-        sddmm(pdy, wt.const_data_ptr<T>(), B, N, M, chunk, rr,
-              [&](int64_t b, int64_t n, int64_t, T d) { pdh[b * N + n] = d; });
+        sddmm_rows_out(pdy, wt.const_data_ptr<T>(), B, N, M, chunk, rr, dh.mutable_data_ptr<T>(),
+                       [](int64_t, int64_t, T d) { return d; });
       }
       if (need_dw) {
         // h of the active pairs, packed by chunk: read once per K block and unit (a gather of
