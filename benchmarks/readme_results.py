@@ -25,8 +25,22 @@ GPU_RESULTS = "gpu_h100_run11.json"
 
 def _machine(r: dict) -> str:
     m = r["machine"]
-    where = m.get("gpu") or f"{m['processor']} CPU, {m['cpu_threads']} threads"
+    cpu = m.get("cpu_model") or f"{m['processor']} CPU"
+    isa = f", {m['cpu_kernel_isa']} kernels" if m.get("cpu_kernel_isa") else ""
+    where = m.get("gpu") or f"{cpu}{isa}, {m['cpu_threads']} threads"
     return f"{where}, torch {m['torch']}"
+
+
+# The CPU tables, one section per machine: file prefix, title, and the machine as described
+# where the JSON files do not say it (files written before `cpu_model` was recorded).
+CPU_GROUPS = (
+    ("cpu_avx2", "CPU without AVX-512 (AMD EPYC, AVX2)", None),
+    ("cpu", "CPU with AVX-512 and AMX (Intel Xeon)",
+     "Machine: the 2-vCPU Intel Xeon VM (AVX-512, AMX) this project was developed on until "
+     "2026-11-27, idle apart from the benchmark, 2 torch threads. The float32 tables are an earlier "
+     "quiet run (before the chunk-1 and bfloat16 work of later sessions); the bfloat16 ones were "
+     "measured on 2026-11-27. Every ratio compares timings taken in the same run, interleaved."),
+)
 
 
 def _matmul_table(r: dict) -> list[str]:
@@ -266,19 +280,23 @@ def render() -> str:
         parts.append("")
         parts.extend(_gpu(gpu))
         parts.append("")
-    for prefix, title in (("cpu", "CPU"),):
+    for prefix, title, described in CPU_GROUPS:
         base = ["gated_linear_forward", "gated_linear_train", "gated_input_linear_forward", "gated_input_linear_train", "block_train"]
         order = base + ["bf16_" + name for name in base]
-        files = sorted(RESULTS.glob(f"{prefix}_*.json"),
-                       key=lambda f: order.index(f.stem[len(prefix) + 1:]) if f.stem[len(prefix) + 1:] in order else len(order))
+        files = sorted((f for f in RESULTS.glob(f"{prefix}_*.json") if f.stem[len(prefix) + 1:] in order),
+                       key=lambda f: order.index(f.stem[len(prefix) + 1:]))
         if not files:
             continue
         parts.append(f"### Gated matmuls and estimators, {title}")
         parts.append("")
-        if prefix == "cpu":
-            parts.append("Machine: the 2-vCPU Intel Xeon VM (AVX-512) this project is developed on, idle apart from the "
-                         "benchmark, 2 torch threads. Every ratio compares timings taken in the same run, interleaved.")
-            parts.append("")
+        if described is None:
+            m = json.loads(files[0].read_text())["machine"]
+            described = (f"Machine: a 2-vCPU VM, {m.get('cpu_model', m['processor'])} (float32 kernels: "
+                         f"{m.get('cpu_kernel_isa', '?')}; AMX: {'yes' if m.get('cpu_bf16_amx') else 'no'}), idle apart "
+                         f"from the benchmark, {m['cpu_threads']} torch threads. Every ratio compares timings taken in "
+                         "the same run, interleaved.")
+        parts.append(described)
+        parts.append("")
         bf16_said = False
         for f in files:
             r = json.loads(f.read_text())

@@ -10,6 +10,9 @@ R=benchmarks/results
 mkdir -p "$R"
 # PARTS="float32 bfloat16" (default both): which tables to regenerate.
 PARTS=${PARTS:-float32 bfloat16}
+# PREFIX: the results' file prefix, one per machine the README shows (readme_results.py's
+# CPU_GROUPS): cpu (the Intel AVX-512/AMX VM), cpu_avx2 (the AMD EPYC VM).
+PREFIX=${PREFIX:-cpu}
 OPS="gated_linear:forward gated_linear:train gated_input_linear:forward gated_input_linear:train block:train"
 if [[ " $PARTS " == *" float32 "* ]]; then
   for op_mode in $OPS; do
@@ -17,7 +20,7 @@ if [[ " $PARTS " == *" float32 "* ]]; then
     extra="--no-estimators --no-train-step"
     [ "$op_mode" = "gated_linear:forward" ] && extra="--estimator-size 4096"
     $PY -m stochgate.cli bench --op "$op" --mode "$mode" $extra \
-      --json "$R/cpu_${op}_${mode}.json" --plot "$R/cpu_${op}_${mode}.png" | tee "$R/cpu_${op}_${mode}.txt"
+      --json "$R/${PREFIX}_${op}_${mode}.json" --plot "$R/${PREFIX}_${op}_${mode}.png" | tee "$R/${PREFIX}_${op}_${mode}.txt"
   done
 fi
 # bfloat16: chunk 64 runs on AMX where the CPU has it (as dense bfloat16 F.linear does);
@@ -30,7 +33,7 @@ if [[ " $PARTS " == *" bfloat16 "* ]]; then
     # the forward table also times the bfloat16 training step (gater -> estimator -> both layers)
     [ "$op_mode" = "gated_linear:forward" ] && chunks="64 1" extra="--no-estimators"
     $PY -m stochgate.cli bench --dtype bfloat16 --chunk $chunks --op "$op" --mode "$mode" $extra \
-      --json "$R/cpu_bf16_${op}_${mode}.json" --plot "$R/cpu_bf16_${op}_${mode}.png" | tee "$R/cpu_bf16_${op}_${mode}.txt"
+      --json "$R/${PREFIX}_bf16_${op}_${mode}.json" --plot "$R/${PREFIX}_bf16_${op}_${mode}.png" | tee "$R/${PREFIX}_bf16_${op}_${mode}.txt"
   done
 fi
 $PY benchmarks/readme_results.py

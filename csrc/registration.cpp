@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu/gated_amx.h"
+#include "cpu/gated_linear.h"
 
 TORCH_LIBRARY(stochgate, m) {
   // Sampling estimators. `key` is an int64 tensor (seed, offset) drawn from a
@@ -62,4 +63,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_amx_available", &stochgate::amx::available,
         "whether bfloat16 gated matmuls with chunk >= 16 can run on AMX here (oneDNN's brgemm)");
   m.def("cpu_amx_calls", &stochgate::amx::calls, "op calls that have run the AMX kernels in this process");
+  m.def("cpu_isa", &stochgate::cpu_kernel_isa,
+        "instruction set of the float32 CPU gated-matmul kernels here: avx512, avx2 or baseline");
 }

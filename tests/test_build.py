@@ -48,9 +48,22 @@ def test_version_mismatch_is_a_clear_import_error():
     _C_loader.check_torch_version(torch.__version__)  # no error
 
 
+def test_cpu_kernel_isa_reported_and_lowered(monkeypatch):
+    """`_C.cpu_isa()` names the float32 CPU kernels' instruction set (recorded by the benchmarks);
+    STOCHGATE_CPU_ISA lowers it as it lowers the kernels."""
+    from stochgate._ops import _C
+
+    isa = _C.cpu_isa()
+    assert isa in ("avx512", "avx2", "baseline")
+    monkeypatch.setenv("STOCHGATE_CPU_ISA", "base")
+    assert _C.cpu_isa() == "baseline"
+    monkeypatch.setenv("STOCHGATE_CPU_ISA", "avx2")
+    assert _C.cpu_isa() == ("baseline" if isa == "baseline" else "avx2")
+
+
 def test_console_command():
     out = subprocess.run([sys.executable, "-m", "stochgate.cli", "info"], capture_output=True, text=True, check=True)
-    assert '"torch_version"' in out.stdout
+    assert '"torch_version"' in out.stdout and '"cpu_kernel_isa"' in out.stdout
     bad = subprocess.run([sys.executable, "-m", "stochgate.cli", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -30,6 +30,7 @@
 #include "chunk_runs.h"
 #include "gated_amx.h"
 #include "gated_gemm.h"
+#include "gated_linear.h"
 
 namespace stochgate {
 namespace {
@@ -2150,6 +2151,14 @@ TORCH_LIBRARY_IMPL(stochgate, CPU, m) {
   m.impl("gated_linear_backward", &gated_linear_backward_cpu);
   m.impl("gated_input_linear", &gated_input_linear_cpu);
   m.impl("gated_input_linear_backward", &gated_input_linear_backward_cpu);
+}
+
+const char* cpu_kernel_isa() {
+  switch (gg_isa()) {
+    case 2: return "avx512";
+    case 1: return "avx2";
+    default: return "baseline";
+  }
 }
 
 }  // namespace stochgate

@@ -448,8 +448,22 @@ def bench_train_step(args, progress) -> list[dict]:
 # Output.
 
 
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: str) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(), "cpu_kernel_isa": stochgate._ops._C.cpu_isa(),
+            "cpu_bf16_amx": bool(stochgate._ops._C.cpu_amx_available()),
             "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "build": stochgate.build_info()}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
