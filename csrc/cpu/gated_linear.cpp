@@ -983,37 +983,42 @@ SG_GG_INLINE void pack_panel(const float* src, int64_t ld, const int64_t* idx, i
   }
 }
 
-// The full AVX-512 outer-product tile (6 rows x 64 columns, added to c) as a function of its
-// own: inlined into the forward driver, GCC left three of its 24 accumulators and the row
-// pointers on the stack (memory-operand FMAs in the inner loop); alone, all stay in registers.
+// The full outer-product tiles (AVX-512: 6 rows x 64 columns; AVX2: 6 x 16) as functions of
+// their own: inlined into the forward driver, GCC left three of the AVX-512 tile's 24
+// accumulators and the row pointers on the stack (memory-operand FMAs in the inner loop), and
+// three of the AVX2 tile's six row pointers, reloaded every reduction step; alone, all stay in
+// registers. outer_tile_add: rows-form A, added to c; outer_gather_full: the gather-form tile
+// (gated_linear's dW, gated_input_linear's dW2), stored to c.
 #if SG_GG_MULTI
-SG_GG_TARGET_AVX512 __attribute__((noinline)) void outer_tile_6x4_add_avx512(
-    int64_t P, const float* const* a, const float* b, int64_t ldb, float* const* c) {
-  gg::v16 acc[6][4];
-  gg::outer_rows<gg::v16, 6, 4>(P, a, b, ldb, acc);
-  gg::tile_out<gg::v16, 6, 4, true>(acc, c, 64);
+template <class Isa>
+SG_GG_INLINE void outer_tile_add(int64_t P, const float* const* a, const float* b, int64_t ldb, float* const* c) {
+  typename Isa::V acc[Isa::MR][Isa::NV];
+  gg::outer_rows<typename Isa::V, Isa::MR, Isa::NV>(P, a, b, ldb, acc);
+  gg::tile_out<typename Isa::V, Isa::MR, Isa::NV, true>(acc, c, Isa::NV * gg::VecInfo<typename Isa::V>::L);
 }
-// Likewise the full gather-form tile (stored to c): gated_linear's dW, gated_input_linear's dW2.
-SG_GG_TARGET_AVX512 __attribute__((noinline)) void outer_gather_6x4_avx512(
-    int64_t P, const float* a, int64_t lda, const float* b, int64_t ldb, float* const* c) {
-  gg::v16 acc[6][4];
-  gg::outer_gather<gg::v16, 6, 4>(P, a, lda, nullptr, b, ldb, nullptr, acc);
-  gg::tile_out<gg::v16, 6, 4, false>(acc, c, 64);
+template <class Isa>
+SG_GG_INLINE void outer_gather_full(int64_t P, const float* a, int64_t lda, const float* b, int64_t ldb,
+                                    float* const* c) {
+  typename Isa::V acc[Isa::MR][Isa::NV];
+  gg::outer_gather<typename Isa::V, Isa::MR, Isa::NV>(P, a, lda, nullptr, b, ldb, nullptr, acc);
+  gg::tile_out<typename Isa::V, Isa::MR, Isa::NV, false>(acc, c, Isa::NV * gg::VecInfo<typename Isa::V>::L);
 }
-// The AVX2 tiles (6 rows x 16 columns) likewise: inlined, GCC kept three of the six row
-// pointers on the stack and reloaded them every reduction step.
-SG_GG_TARGET_AVX2 __attribute__((noinline)) void outer_tile_6x2_add_avx2(
-    int64_t P, const float* const* a, const float* b, int64_t ldb, float* const* c) {
-  gg::v8 acc[6][2];
-  gg::outer_rows<gg::v8, 6, 2>(P, a, b, ldb, acc);
-  gg::tile_out<gg::v8, 6, 2, true>(acc, c, 16);
+#define SG_TILE_ARGS int64_t P, const float* const* a, const float* b, int64_t ldb, float* const* c
+#define SG_GATHER_ARGS int64_t P, const float* a, int64_t lda, const float* b, int64_t ldb, float* const* c
+SG_GG_TARGET_AVX512 __attribute__((noinline)) void outer_tile_6x4_add_avx512(SG_TILE_ARGS) {
+  outer_tile_add<gg::IsaAvx512>(P, a, b, ldb, c);
 }
-SG_GG_TARGET_AVX2 __attribute__((noinline)) void outer_gather_6x2_avx2(
-    int64_t P, const float* a, int64_t lda, const float* b, int64_t ldb, float* const* c) {
-  gg::v8 acc[6][2];
-  gg::outer_gather<gg::v8, 6, 2>(P, a, lda, nullptr, b, ldb, nullptr, acc);
-  gg::tile_out<gg::v8, 6, 2, false>(acc, c, 16);
+SG_GG_TARGET_AVX2 __attribute__((noinline)) void outer_tile_6x2_add_avx2(SG_TILE_ARGS) {
+  outer_tile_add<gg::IsaAvx2>(P, a, b, ldb, c);
 }
+SG_GG_TARGET_AVX512 __attribute__((noinline)) void outer_gather_6x4_avx512(SG_GATHER_ARGS) {
+  outer_gather_full<gg::IsaAvx512>(P, a, lda, b, ldb, c);
+}
+SG_GG_TARGET_AVX2 __attribute__((noinline)) void outer_gather_6x2_avx2(SG_GATHER_ARGS) {
+  outer_gather_full<gg::IsaAvx2>(P, a, lda, b, ldb, c);
+}
+#undef SG_TILE_ARGS
+#undef SG_GATHER_ARGS
 #endif
 
 // The outer-product tiles as the drivers call them: full AVX-512 tiles out of line (above),
