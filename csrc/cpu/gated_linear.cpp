@@ -1296,8 +1296,7 @@ bool gl_fwd_use_outer(int isa, int64_t chunk) {
 int64_t slab_block(int64_t B, int64_t cols) {
   const int64_t panels = (cols + 63) / 64;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t sbytes = std::getenv("SGX_SLAB") ? std::atol(std::getenv("SGX_SLAB")) : 1024;
-  const int64_t by_cache = std::max<int64_t>(1, (sbytes << 10) / (std::max<int64_t>(B, 1) * 4 * 64));
+  const int64_t by_cache = std::max<int64_t>(1, (int64_t(1) << 20) / (std::max<int64_t>(B, 1) * 4 * 64));
   const int64_t by_par = std::max<int64_t>(1, (panels + threads - 1) / threads);
   return 64 * std::min(by_cache, by_par);
 }
