@@ -118,6 +118,39 @@ def test_same_generator_state_same_output(name, kw, device):
     assert torch.equal(d, e)
 
 
+def test_cpu_builds_draw_identical_samples(monkeypatch):
+    """The float32 CPU kernels are compiled per instruction set (AVX-512, AVX2, SSE2; picked at
+    run time, lowered by STOCHGATE_CPU_ISA): every build must give the same bits for a key,
+    forward and backward, including NaN, infinities, the saturated sigmoid and a tail that is
+    not a whole 64-element block. Each build this CPU can run against the SSE2 one."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 1000 + 37, generator=gen) * 12
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 88.5, -88.5, 0.0])
+    upstream = torch.randn(x.shape, generator=gen)
+    h_sts = torch.where(torch.rand(x.shape, generator=gen) < 0.5, torch.rand(x.shape, generator=gen), 0.0)
+    ops = torch.ops.stochgate
+    key = torch.tensor([123456789, (5 << 32) + 987654321], dtype=torch.int64)
+
+    def run():
+        return [
+            ops.binary_sample(x, key),
+            ops.straight_through(x, key, True),
+            ops.stochastic_times_smooth(x, key),
+            ops.noisy_rectifier(x, key, 0.7, False),
+            ops.noisy_rectifier(x, key, 0.7, True),
+            ops.straight_through_backward(upstream, x),
+            ops.stochastic_times_smooth_backward(upstream, x, h_sts),
+        ]
+
+    monkeypatch.setenv("STOCHGATE_CPU_ISA", "base")
+    base = run()
+    for isa in ("avx2", ""):
+        monkeypatch.setenv("STOCHGATE_CPU_ISA", isa)
+        for i, (a, b) in enumerate(zip(run(), base)):
+            assert torch.equal(a.isnan(), b.isnan()), (isa, i)
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), (isa, i, (a - b).abs().nan_to_num().max())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,kw", SAMPLERS)
 def test_nan_propagates(name, kw, device):

@@ -8,15 +8,21 @@
 
 #include "../common/checks.h"
 #include "../common/estimators.h"
+#include "gated_gemm.h"
 #include "vec_math.h"
 
 namespace stochgate {
 namespace {
 
 // ---------------------------------------------------------------------------------------
-// float32 fast path: 16 Philox groups (64 elements) per step, vectorised math (vec_math.h).
+// float32 fast path: 16 Philox groups (64 elements) per step, vectorised math (vec_math.h),
+// compiled per instruction set (SG_GG_VARIANTS; W = the lanes it compares at once) and picked
+// at run time by gg_isa(). Every build computes the same values (comparisons are exact, the
+// file is compiled with -ffp-contract=off), so a key draws the same samples on every x86 CPU.
 
 enum class Kind { kBinary, kSts, kGauss, kLogistic };
+
+template <class Isa> constexpr int kCmpLanes = gg::VecInfo<typename Isa::V>::L;
 
 // IEEE square root, 16 lanes (vectorised by the compiler: the file has -fno-math-errno).
 SG_INLINE vm::vf vsqrt(vm::vf x) {
@@ -25,36 +31,44 @@ SG_INLINE vm::vf vsqrt(vm::vf x) {
   return r;
 }
 
-template <Kind K>
+template <Kind K, int W>
 SG_INLINE vm::vf sample_vec(vm::vf v, vm::vf u, vm::vf z, float sigma) {
   if constexpr (K == Kind::kBinary) {
-    const vm::vf p = vm::sigmoid(v);
-    return vm::select(vm::isnan(p), p, vm::select(u < p, vm::splat(1.0f), vm::splat(0.0f)));
+    const vm::vf p = vm::sigmoid<W>(v);
+    return vm::select(vm::isnan<W>(p), p, vm::select(vm::lt<W>(u, p), vm::splat(1.0f), vm::splat(0.0f)));
   } else if constexpr (K == Kind::kSts) {
-    const vm::vf sq = vsqrt(vm::sigmoid(v));
-    return vm::select(vm::isnan(sq), sq, vm::select(u < sq, sq, vm::splat(0.0f)));
+    const vm::vf sq = vsqrt(vm::sigmoid<W>(v));
+    return vm::select(vm::isnan<W>(sq), sq, vm::select(vm::lt<W>(u, sq), sq, vm::splat(0.0f)));
   } else {
     const vm::vf t = sigma == 0.0f ? v : v + sigma * z;
-    return vm::select(t <= 0.0f, vm::splat(0.0f), t);  // NaN is not <= 0: it passes
+    return vm::select(vm::le<W>(t, vm::splat(0.0f)), vm::splat(0.0f), t);  // NaN is not <= 0: it passes
   }
 }
 
+struct SampleArgs {
+  Kind kind;
+  const float* x;
+  float* y;
+  int64_t n;
+  uint64_t seed, offset;
+  float sigma;
+};
+
 // Samples blocks [b_begin, b_end) (64 elements, 16 Philox groups each) of a float tensor of
 // n elements.
-template <Kind K>
-SG_INLINE void sample_f32(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset,
-                          int64_t b_begin, int64_t b_end, float sigma) {
-  constexpr int L = vm::kLanes;
+template <Kind K, class Isa>
+SG_INLINE void sample_f32(const SampleArgs& a, int64_t b_begin, int64_t b_end) {
+  constexpr int L = vm::kLanes, W = kCmpLanes<Isa>;
   for (int64_t b = b_begin; b < b_end; ++b) {
     vm::vu w[4];
-    vm::philox16(seed, offset, static_cast<uint64_t>(b * kBlockGroups), w);
+    vm::philox16<W>(a.seed, a.offset, static_cast<uint64_t>(b * kBlockGroups), w);
     vm::vf u[4], z[4];
     if constexpr (K == Kind::kGauss) {  // Box-Muller over lanes (0, 1) and (2, 3)
-      const vm::vf r0 = vsqrt(-2.0f * vm::log_pos(vm::uniform_oo(w[0])));
-      const vm::vf r1 = vsqrt(-2.0f * vm::log_pos(vm::uniform_oo(w[2])));
+      const vm::vf r0 = vsqrt(-2.0f * vm::log_pos<W>(vm::uniform_oo(w[0])));
+      const vm::vf r1 = vsqrt(-2.0f * vm::log_pos<W>(vm::uniform_oo(w[2])));
       vm::vf c0, s0, c1, s1;
-      vm::cossin_2pi(vm::uniform_co(w[1]), c0, s0);
-      vm::cossin_2pi(vm::uniform_co(w[3]), c1, s1);
+      vm::cossin_2pi<W>(vm::uniform_co(w[1]), c0, s0);
+      vm::cossin_2pi<W>(vm::uniform_co(w[3]), c1, s1);
       z[0] = r0 * c0;
       z[1] = r0 * s0;
       z[2] = r1 * c1;
@@ -63,81 +77,85 @@ SG_INLINE void sample_f32(const float* x, float* y, int64_t n, uint64_t seed, ui
       for (int l = 0; l < 4; ++l) {
         if constexpr (K == Kind::kLogistic) {
           u[l] = vm::uniform_oo(w[l]);
-          z[l] = vm::log_pos(u[l]) - vm::log_pos(1.0f - u[l]);
+          z[l] = vm::log_pos<W>(u[l]) - vm::log_pos<W>(1.0f - u[l]);
         } else {
           u[l] = vm::uniform_co(w[l]);
         }
       }
     }
     const int64_t base = b * kBlockElems;
-    if (base + kBlockElems <= n) {
+    if (base + kBlockElems <= a.n) {
       for (int l = 0; l < 4; ++l) {
-        vm::store(y + base + l * L, sample_vec<K>(vm::load(x + base + l * L), u[l], z[l], sigma));
+        vm::store(a.y + base + l * L, sample_vec<K, W>(vm::load(a.x + base + l * L), u[l], z[l], a.sigma));
       }
     } else {  // the tail goes through the same vector code via a padded copy
-      const size_t bytes = sizeof(float) * static_cast<size_t>(n - base);
+      const size_t bytes = sizeof(float) * static_cast<size_t>(a.n - base);
       alignas(64) float xt[kBlockElems] = {}, yt[kBlockElems];
-      std::memcpy(xt, x + base, bytes);
+      std::memcpy(xt, a.x + base, bytes);
       for (int l = 0; l < 4; ++l) {
-        vm::store(yt + l * L, sample_vec<K>(vm::load(xt + l * L), u[l], z[l], sigma));
+        vm::store(yt + l * L, sample_vec<K, W>(vm::load(xt + l * L), u[l], z[l], a.sigma));
       }
-      std::memcpy(y + base, yt, bytes);
+      std::memcpy(a.y + base, yt, bytes);
     }
   }
 }
 
-SG_CPU_CLONES void binary_sample_f32(const float* x, float* y, int64_t n, uint64_t seed,
-                                     uint64_t offset, int64_t g0, int64_t g1) {
-  sample_f32<Kind::kBinary>(x, y, n, seed, offset, g0, g1, 0.0f);
+template <class Isa>
+SG_INLINE void sample_blocks(const SampleArgs& a, int64_t b0, int64_t b1) {
+  switch (a.kind) {
+    case Kind::kBinary: return sample_f32<Kind::kBinary, Isa>(a, b0, b1);
+    case Kind::kSts: return sample_f32<Kind::kSts, Isa>(a, b0, b1);
+    case Kind::kGauss: return sample_f32<Kind::kGauss, Isa>(a, b0, b1);
+    case Kind::kLogistic: return sample_f32<Kind::kLogistic, Isa>(a, b0, b1);
+  }
 }
-SG_CPU_CLONES void sts_f32(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset,
-                           int64_t g0, int64_t g1) {
-  sample_f32<Kind::kSts>(x, y, n, seed, offset, g0, g1, 0.0f);
-}
-SG_CPU_CLONES void gauss_rectifier_f32(const float* x, float* y, int64_t n, uint64_t seed,
-                                       uint64_t offset, int64_t g0, int64_t g1, float sigma) {
-  sample_f32<Kind::kGauss>(x, y, n, seed, offset, g0, g1, sigma);
-}
-SG_CPU_CLONES void logistic_rectifier_f32(const float* x, float* y, int64_t n, uint64_t seed,
-                                          uint64_t offset, int64_t g0, int64_t g1, float sigma) {
-  sample_f32<Kind::kLogistic>(x, y, n, seed, offset, g0, g1, sigma);
-}
+SG_GG_VARIANTS(sample_blocks, SampleArgs)
 
-// Elementwise float32 backward over [i0, i1) in 16-lane vectors, tails through a padded copy.
+// Elementwise float32 backward: out[i] = f(g[i], x[i], h[i]).
+struct MapArgs {
+  const float* g;
+  const float* x;
+  const float* h;  // = x where the formula has no h
+  float* out;
+};
+
+// Over [i0, i1) in 16-lane vectors, tails through a padded copy.
 template <typename F>
-SG_INLINE void map_f32(const float* a, const float* b, const float* c, float* out, int64_t i0,
-                       int64_t i1, F f) {
+SG_INLINE void map_f32(const MapArgs& m, int64_t i0, int64_t i1, F f) {
   int64_t i = i0;
   for (; i + vm::kLanes <= i1; i += vm::kLanes) {
-    vm::store(out + i, f(vm::load(a + i), vm::load(b + i), vm::load(c + i)));
+    vm::store(m.out + i, f(vm::load(m.g + i), vm::load(m.x + i), vm::load(m.h + i)));
   }
   if (i < i1) {
     alignas(64) float ta[vm::kLanes] = {}, tb[vm::kLanes] = {}, tc[vm::kLanes] = {}, to[vm::kLanes];
     const size_t bytes = sizeof(float) * static_cast<size_t>(i1 - i);
-    std::memcpy(ta, a + i, bytes);
-    std::memcpy(tb, b + i, bytes);
-    std::memcpy(tc, c + i, bytes);
+    std::memcpy(ta, m.g + i, bytes);
+    std::memcpy(tb, m.x + i, bytes);
+    std::memcpy(tc, m.h + i, bytes);
     vm::store(to, f(vm::load(ta), vm::load(tb), vm::load(tc)));
-    std::memcpy(out + i, to, bytes);
+    std::memcpy(m.out + i, to, bytes);
   }
 }
 
-SG_CPU_CLONES void sigmoid_backward_f32(const float* g, const float* x, float* out, int64_t i0,
-                                        int64_t i1) {
-  map_f32(g, x, x, out, i0, i1, [](vm::vf gv, vm::vf xv, vm::vf) __attribute__((always_inline)) {
-    const vm::vf p = vm::sigmoid(xv);
+template <class Isa>
+SG_INLINE void sigmoid_backward_range(const MapArgs& m, int64_t i0, int64_t i1) {
+  map_f32(m, i0, i1, [](vm::vf gv, vm::vf xv, vm::vf) __attribute__((always_inline)) {
+    const vm::vf p = vm::sigmoid<kCmpLanes<Isa>>(xv);
     return gv * p * (1.0f - p);
   });
 }
 
-SG_CPU_CLONES void sts_backward_f32(const float* g, const float* x, const float* h, float* out,
-                                    int64_t i0, int64_t i1) {
-  map_f32(g, x, h, out, i0, i1, [](vm::vf gv, vm::vf xv, vm::vf hv) __attribute__((always_inline)) {
-    const vm::vf p = vm::sigmoid(xv);
+template <class Isa>
+SG_INLINE void sts_backward_range(const MapArgs& m, int64_t i0, int64_t i1) {
+  map_f32(m, i0, i1, [](vm::vf gv, vm::vf xv, vm::vf hv) __attribute__((always_inline)) {
+    constexpr int W = kCmpLanes<Isa>;
+    const vm::vf p = vm::sigmoid<W>(xv);
     const vm::vf d = gv * 0.5f * vsqrt(p) * (1.0f - p);
-    return vm::select(hv == 0.0f, 0.0f * gv, d);
+    return vm::select(vm::eq<W>(hv, vm::splat(0.0f)), 0.0f * gv, d);
   });
 }
+SG_GG_VARIANTS(sigmoid_backward_range, MapArgs)
+SG_GG_VARIANTS(sts_backward_range, MapArgs)
 
 // A parallel task covers at least this many elements (elementwise maps) or 64-element blocks.
 constexpr int64_t kGrain = 4096;
@@ -163,15 +181,15 @@ void sample_map(const at::Tensor& in, at::Tensor& out, uint64_t seed, uint64_t o
   });
 }
 
-// Runs a float32 fast-path sampler over all Philox groups in parallel; false if not float32.
-template <typename F32>
-bool sample_f32_parallel(const at::Tensor& in, at::Tensor& out, F32 f32) {
+// Runs the float32 fast-path sampler over all Philox groups in parallel; false if not float32.
+bool sample_f32_parallel(Kind kind, const at::Tensor& in, at::Tensor& out, uint64_t seed,
+                         uint64_t offset, float sigma = 0.0f) {
   if (in.scalar_type() != at::kFloat) return false;
-  const float* x = in.const_data_ptr<float>();
-  float* y = out.mutable_data_ptr<float>();
   const int64_t n = in.numel();
+  const SampleArgs a{kind, in.const_data_ptr<float>(), out.mutable_data_ptr<float>(), n, seed, offset, sigma};
   const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
-  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { f32(x, y, n, b0, b1); });
+  const int isa = gg_isa();
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { sample_blocks_run(isa, a, b0, b1); });
   return true;
 }
 
@@ -210,9 +228,7 @@ at::Tensor binary_sample_cpu(const at::Tensor& logits, const at::Tensor& key) {
   const auto [seed, offset] = cpu_key_values(key);
   auto in = logits.contiguous();
   auto out = at::empty_like(in);
-  if (sample_f32_parallel(in, out, [&](const float* x, float* y, int64_t n, int64_t g0, int64_t g1) {
-        binary_sample_f32(x, y, n, seed, offset, g0, g1);
-      })) {
+  if (sample_f32_parallel(Kind::kBinary, in, out, seed, offset)) {
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "binary_sample_cpu", [&] {
@@ -235,11 +251,11 @@ at::Tensor straight_through_backward_cpu(const at::Tensor& grad, const at::Tenso
   auto x = logits.contiguous();
   auto out = at::empty_like(x);
   if (x.scalar_type() == at::kFloat) {
-    const float* pg = g.const_data_ptr<float>();
     const float* px = x.const_data_ptr<float>();
-    float* po = out.mutable_data_ptr<float>();
+    const MapArgs m{g.const_data_ptr<float>(), px, px, out.mutable_data_ptr<float>()};
+    const int isa = gg_isa();
     at::parallel_for(0, x.numel(), 4 * kGrain,
-                     [&](int64_t i0, int64_t i1) { sigmoid_backward_f32(pg, px, po, i0, i1); });
+                     [&](int64_t i0, int64_t i1) { sigmoid_backward_range_run(isa, m, i0, i1); });
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "straight_through_backward_cpu", [&] {
@@ -254,9 +270,7 @@ at::Tensor stochastic_times_smooth_cpu(const at::Tensor& logits, const at::Tenso
   const auto [seed, offset] = cpu_key_values(key);
   auto in = logits.contiguous();
   auto out = at::empty_like(in);
-  if (sample_f32_parallel(in, out, [&](const float* x, float* y, int64_t n, int64_t g0, int64_t g1) {
-        sts_f32(x, y, n, seed, offset, g0, g1);
-      })) {
+  if (sample_f32_parallel(Kind::kSts, in, out, seed, offset)) {
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "stochastic_times_smooth_cpu", [&] {
@@ -279,12 +293,11 @@ at::Tensor stochastic_times_smooth_backward_cpu(const at::Tensor& grad, const at
   auto hc = h.contiguous();
   auto out = at::empty_like(x);
   if (x.scalar_type() == at::kFloat) {
-    const float* pg = g.const_data_ptr<float>();
-    const float* px = x.const_data_ptr<float>();
-    const float* ph = hc.const_data_ptr<float>();
-    float* po = out.mutable_data_ptr<float>();
+    const MapArgs m{g.const_data_ptr<float>(), x.const_data_ptr<float>(), hc.const_data_ptr<float>(),
+                    out.mutable_data_ptr<float>()};
+    const int isa = gg_isa();
     at::parallel_for(0, x.numel(), 4 * kGrain,
-                     [&](int64_t i0, int64_t i1) { sts_backward_f32(pg, px, ph, po, i0, i1); });
+                     [&](int64_t i0, int64_t i1) { sts_backward_range_run(isa, m, i0, i1); });
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stochastic_times_smooth_backward_cpu", [&] {
@@ -303,13 +316,7 @@ at::Tensor noisy_rectifier_cpu(const at::Tensor& x, const at::Tensor& key, doubl
   auto in = x.contiguous();
   auto out = at::empty_like(in);
   const float sigma_f = static_cast<float>(sigma);
-  if (sample_f32_parallel(in, out, [&](const float* px, float* py, int64_t n, int64_t g0, int64_t g1) {
-        if (logistic) {
-          logistic_rectifier_f32(px, py, n, seed, offset, g0, g1, sigma_f);
-        } else {
-          gauss_rectifier_f32(px, py, n, seed, offset, g0, g1, sigma_f);
-        }
-      })) {
+  if (sample_f32_parallel(logistic ? Kind::kLogistic : Kind::kGauss, in, out, seed, offset, sigma_f)) {
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "noisy_rectifier_cpu", [&] {

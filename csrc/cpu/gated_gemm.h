@@ -27,6 +27,28 @@
 #define SG_GG_TARGET_AVX2
 #endif
 
+namespace stochgate {
+// The instruction set the float32 kernels run here: 2 AVX-512F, 1 AVX2+FMA, 0 baseline
+// (gated_linear.cpp). STOCHGATE_CPU_ISA=avx2|base lowers it (the tests run every build).
+int gg_isa();
+}  // namespace stochgate
+
+// NAME##_avx512 / _avx2 / _base: NAME<Isa>(a, i0, i1), a template over the ISA trait below,
+// compiled for each instruction set; NAME##_run(isa, a, i0, i1) calls the one gg_isa() picked.
+#define SG_GG_VARIANTS(NAME, ARGS)                                                        \
+  SG_GG_TARGET_AVX512 void NAME##_avx512(const ARGS& a, int64_t i0, int64_t i1) {         \
+    NAME<gg::IsaAvx512>(a, i0, i1);                                                       \
+  }                                                                                       \
+  SG_GG_TARGET_AVX2 void NAME##_avx2(const ARGS& a, int64_t i0, int64_t i1) {             \
+    NAME<gg::IsaAvx2>(a, i0, i1);                                                         \
+  }                                                                                       \
+  void NAME##_base(const ARGS& a, int64_t i0, int64_t i1) { NAME<gg::IsaBase>(a, i0, i1); } \
+  void NAME##_run(int isa, const ARGS& a, int64_t i0, int64_t i1) {                       \
+    if (isa == 2) NAME##_avx512(a, i0, i1);                                               \
+    else if (isa == 1) NAME##_avx2(a, i0, i1);                                            \
+    else NAME##_base(a, i0, i1);                                                          \
+  }
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 

@@ -32,6 +32,10 @@
 #include "gated_gemm.h"
 #include "gated_linear.h"
 
+// Vector values pass only between always-inline functions inside target-attributed callers
+// (gated_gemm.h), so the ABI of passing them by value never matters here.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace stochgate {
 namespace {
 
@@ -67,8 +71,6 @@ struct ChunkRouting {  // CSR by chunks: chunk c's active rows, ascending
   std::vector<int64_t> qof;  // pair p of the RowRouting -> its index q here
   int64_t max_rows = 0;
 };
-
-int gg_isa();
 
 #if SG_GG_MULTI
 // route_rows for float32 gates, 16 per compare and no branch per gate (at chunk 1, B = 1024,
@@ -341,8 +343,6 @@ SG_ALWAYS_INLINE T dot1(const T* a, const T* w, int64_t K) {
 }
 
 #if SG_GG_MULTI
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // vector values inside target-attributed callers only
 // Float32 versions with explicit vectors, gg::v16 in AVX-512 code and gg::v8 in AVX2 code
 // (RowV): the lane-wise loops above leave their accumulators on the stack (measured:
 // store-forwarding bound), these keep them in registers.
@@ -473,7 +473,6 @@ SG_ALWAYS_INLINE void spmm_units_vec(const float* a, int64_t K, int64_t chunk, c
   }
   if (k0 < K) spmm_units(a, K, chunk, cr, c0, c1, out, coef, k0);  // (ldt > 0 only for K % 128 == 0)
 }
-#pragma GCC diagnostic pop
 #endif  // SG_GG_MULTI
 
 // Sampled dense-dense product over the active units of rows [b0, b1) and units [n0, n1):
@@ -884,21 +883,6 @@ void scatter_add_gemm(const at::Tensor& packed, const ChunkRouting& cr, int64_t 
 template <typename T> const float* fp(const T* p) { return reinterpret_cast<const float*>(p); }
 template <typename T> float* fpm(T* p) { return reinterpret_cast<float*>(p); }
 
-// 2: AVX-512F, 1: AVX2+FMA, 0: baseline. STOCHGATE_CPU_ISA=avx2|base lowers it (tests).
-int gg_isa() {
-#if SG_GG_MULTI
-  static const int hw = __builtin_cpu_supports("avx512f")                                ? 2
-                        : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1
-                                                                                         : 0;
-  const char* env = std::getenv("STOCHGATE_CPU_ISA");
-  if (env && std::strcmp(env, "base") == 0) return 0;
-  if (env && std::strcmp(env, "avx2") == 0) return std::min(hw, 1);
-  return hw;
-#else
-  return 0;
-#endif
-}
-
 // Which float32 products take the tiled kernels. Measured single-threaded (B=1024,
 // K=N=2048, chunk 64, d=0.1..1, noisy shared machine): the tiled gated_linear forward and
 // gated_input_linear dh / dW2 beat the gather + MKL route; the tiled gated_linear dx / dW and
@@ -930,20 +914,6 @@ int64_t gl_fwd_mm_min_rows(int64_t B) {
   const double frac = env ? std::atof(env) : 0.7;
   return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(frac * B)));
 }
-
-#define SG_GG_VARIANTS(NAME, ARGS)                                                        \
-  SG_GG_TARGET_AVX512 void NAME##_avx512(const ARGS& a, int64_t i0, int64_t i1) {         \
-    NAME<gg::IsaAvx512>(a, i0, i1);                                                       \
-  }                                                                                       \
-  SG_GG_TARGET_AVX2 void NAME##_avx2(const ARGS& a, int64_t i0, int64_t i1) {             \
-    NAME<gg::IsaAvx2>(a, i0, i1);                                                         \
-  }                                                                                       \
-  void NAME##_base(const ARGS& a, int64_t i0, int64_t i1) { NAME<gg::IsaBase>(a, i0, i1); } \
-  void NAME##_run(int isa, const ARGS& a, int64_t i0, int64_t i1) {                       \
-    if (isa == 2) NAME##_avx512(a, i0, i1);                                               \
-    else if (isa == 1) NAME##_avx2(a, i0, i1);                                            \
-    else NAME##_base(a, i0, i1);                                                          \
-  }
 
 // Zeroes the `width` columns at `col` of the rows of (B, ld) `out` absent from the ascending
 // list rows[0..n).
@@ -2155,6 +2125,20 @@ TORCH_LIBRARY_IMPL(stochgate, CPU, m) {
   m.impl("gated_linear_backward", &gated_linear_backward_cpu);
   m.impl("gated_input_linear", &gated_input_linear_cpu);
   m.impl("gated_input_linear_backward", &gated_input_linear_backward_cpu);
+}
+
+int gg_isa() {
+#if SG_GG_MULTI
+  static const int hw = __builtin_cpu_supports("avx512f")                                ? 2
+                        : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1
+                                                                                         : 0;
+  const char* env = std::getenv("STOCHGATE_CPU_ISA");
+  if (env && std::strcmp(env, "base") == 0) return 0;
+  if (env && std::strcmp(env, "avx2") == 0) return std::min(hw, 1);
+  return hw;
+#else
+  return 0;
+#endif
 }
 
 const char* cpu_kernel_isa() {
