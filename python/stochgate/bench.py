@@ -460,11 +460,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_info() -> dict:
+    """What the CPU kernels run on here (`stochgate info` and the benchmarks' machine record)."""
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        # float32 CPU kernels: AVX-512, AVX2 or baseline builds (picked at run time)
+        "cpu_kernel_isa": stochgate._ops._C.cpu_isa(),
+        # bfloat16 gated matmuls with chunks of 16 or more run on AMX (oneDNN's brgemm) here
+        "cpu_bf16_amx": bool(stochgate._ops._C.cpu_amx_available()),
+    }
+
+
 def machine_info(device: str) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_model": cpu_model(), "cpu_kernel_isa": stochgate._ops._C.cpu_isa(),
-            "cpu_bf16_amx": bool(stochgate._ops._C.cpu_amx_available()),
-            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "build": stochgate.build_info()}
+            **cpu_info(), "torch": torch.__version__, "build": stochgate.build_info()}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

@@ -85,6 +85,7 @@ from torch import nn
 import stochgate
 import stochgate.nn as sgnn
 from stochgate import data as sgdata
+from stochgate.bench import cpu_model
 
 __all__ = ["METHODS", "PAPER_ONLY", "Config", "ConditionalNet", "Method", "main", "run_method"]
 
@@ -684,16 +685,8 @@ def _machine(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "device": str(device),
+        "python": platform.python_version(), "device": str(device), "cpu_model": cpu_model(),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
