@@ -3,15 +3,16 @@
 # preinstalled CUDA torch but no network. It builds stochgate from this source tree against
 # that torch (no downloads, --no-build-isolation, sm_90a + compute_90 only), runs every
 # CUDA test, the Hopper GEMM kernel against the mma.sync one (benchmarks/gpu_sm90.py), the
-# GPU benchmark (benchmarks/gpu_bench.py: ceilings, `stochgate bench` at
-# B=16384, K=N=4096, chunk 128 in bf16 and fp32, a per-kernel breakdown), then
+# float32 SIMT kernel's two tiles (benchmarks/gpu_simt.py), the GPU benchmark
+# (benchmarks/gpu_bench.py: ceilings, `stochgate bench` at B=16384, K=N=4096, chunk 128 in
+# bf16 and fp32, a per-kernel breakdown), then
 # compute-sanitizer memcheck and racecheck over a short CUDA subset, and writes everything
 # into the directory given as its argument (default: $OUT, else ./gpu_check_out). Budget:
 # under 8 minutes on an H100. The short summary is printed last.
 #
 #   bash benchmarks/gpu_check.sh "$OUT"
 #   GPU_CHECK_SKIP="sanitizer bench" bash benchmarks/gpu_check.sh DIR   # skip parts
-#   (parts: exceptions redrate tests sm90 bench ncu sanitizer; SANITIZER_TOOLS="memcheck" runs one tool)
+#   (parts: exceptions redrate tests sm90 simt bench ncu sanitizer; SANITIZER_TOOLS="memcheck" runs one tool)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-${OUT:-gpu_check_out}}
@@ -101,6 +102,13 @@ if ! skip sm90; then
   cat "$DIR/gpu_sm90.txt" | tail -40
 fi
 
+if ! skip simt; then
+  step "float32 SIMT kernel: 128 x 128 tile vs 64 x 64 (benchmarks/gpu_simt.py)"
+  timeout 150 $PY benchmarks/gpu_simt.py "$DIR" > "$DIR/gpu_simt.txt" 2>&1
+  echo "gpu_simt exit status: $?"
+  tail -20 "$DIR/gpu_simt.txt"
+fi
+
 if ! skip bench; then
   step "benchmark (benchmarks/gpu_bench.py)"
   timeout 330 $PY benchmarks/gpu_bench.py "$DIR" > "$DIR/gpu_bench.txt" 2>&1
@@ -120,7 +128,7 @@ if ! skip sanitizer; then
   step "compute-sanitizer (memcheck, racecheck) on a short subset"
   # No caching allocator under memcheck: every tensor is its own allocation, so a read past
   # its end is caught instead of landing in a neighbour of the same pool block.
-  BASE="(test_row_reduce_atomic_and_deterministic and (130x300 or 517x257)) or test_cuda_sampling_vector_and_scalar_paths or test_cuda_reinforce_backward or test_cpu_and_cuda_agree or test_many_routing_tiles or test_non_contiguous_inputs or test_cpu_and_cuda_draw or (bfloat16 and (130 or 300) and (test_gated_linear_forward or test_gated_input_linear_forward_backward)) or (test_gated_linear_backward and bias-full and 130 and bfloat16)"
+  BASE="(test_row_reduce_atomic_and_deterministic and (130x300 or 517x257)) or test_cuda_sampling_vector_and_scalar_paths or test_cuda_reinforce_backward or test_cpu_and_cuda_agree or test_many_routing_tiles or test_non_contiguous_inputs or test_cpu_and_cuda_draw or (bfloat16 and (130 or 300) and (test_gated_linear_forward or test_gated_input_linear_forward_backward)) or (test_gated_linear_backward and bias-full and 130 and bfloat16) or (test_simt_kernel_tiles and (257x72 or 131x130))"
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     # Racecheck over the Hopper kernel's larger shapes did not finish in 150 s (run 4 of
     # GPU_NOTES.md): it gets the kernel's two smallest shapes only.

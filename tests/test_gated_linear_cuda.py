@@ -453,15 +453,10 @@ HOPPER_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_hopper_and_mma_kernels(monkeypatch, dtype, shape):
-    """Both GEMM kernels of every product against the reference: the wgmma one (the default on
-    an H100/H200) in each ring configuration of the K-major products (3 or 4 stages, wgmma lag
-    1 or 0; gated_linear's forward, gated_input_linear's per-chunk products), with the products
-    that have an M/N-major operand (dx, dh, both dweights) on it or, STOCHGATE_SM90_MN=0, on the
-    mma.sync kernel, and the mma.sync one for everything (STOCHGATE_CUDA_GEMM=mma; on other GPUs
-    every run takes it)."""
+def _check_every_product(monkeypatch, dtype, shape, configs):
+    """gated_linear (forward, dx, dweight, dbias) and gated_input_linear (forward, dh, dweight,
+    dbias) against the reference once per configuration: a dict of environment variables that
+    pick the kernels."""
     B, K, N, C = shape
     x, w, b, gates = _linear_data(B, K, N, C, dtype, density=0.6)
     if B >= 1000:  # every other chunk keeps a quarter of its rows: groups of unequal tile counts
@@ -474,13 +469,10 @@ def test_hopper_and_mma_kernels(monkeypatch, dtype, shape):
     ref2_64 = _ref_input_linear(h, w2, b2, gates, dy2, torch.float64)
     ref2_lp = _ref_input_linear(h, w2, b2, gates, dy2, dtype)
     off = (gates == 0).repeat_interleave(N // C, dim=1)
-    for path, stages, lag, mn in (("auto", "3", "1", "1"), ("auto", "4", "1", "1"), ("auto", "3", "0", "1"),
-                                  ("auto", "4", "0", "1"), ("auto", "3", "0", "0"), ("mma", "3", "1", "1")):
-        monkeypatch.setenv("STOCHGATE_CUDA_GEMM", path)
-        monkeypatch.setenv("STOCHGATE_SM90_STAGES", stages)
-        monkeypatch.setenv("STOCHGATE_SM90_LAG", lag)
-        monkeypatch.setenv("STOCHGATE_SM90_MN", mn)
-        path = f"{path}, {stages} stages, lag {lag}, M/N-major on wgmma {mn}"
+    for env in configs:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        path = ", ".join(f"{k}={v}" for k, v in env.items())
         y = ops.gated_linear(x, w, b, gates)
         _check(f"y ({path})", y, ref64[0], ref_lp[0], dtype)
         assert (y[off] == 0).all(), path
@@ -493,6 +485,45 @@ def test_hopper_and_mma_kernels(monkeypatch, dtype, shape):
         for name, got, i in (("dh", dh, 1), ("dweight2", dw2, 2), ("dbias2", db2, 3)):
             _check(f"{name} ({path})", got, ref2_64[i], ref2_lp[i], dtype)
         assert (dh[off] == 0).all(), path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", HOPPER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_hopper_and_mma_kernels(monkeypatch, dtype, shape):
+    """Both GEMM kernels of every product against the reference: the wgmma one (the default on
+    an H100/H200) in each ring configuration of the K-major products (3 or 4 stages, wgmma lag
+    1 or 0; gated_linear's forward, gated_input_linear's per-chunk products), with the products
+    that have an M/N-major operand (dx, dh, both dweights) on it or, STOCHGATE_SM90_MN=0, on the
+    mma.sync kernel, and the mma.sync one for everything (STOCHGATE_CUDA_GEMM=mma; on other GPUs
+    every run takes it)."""
+    configs = [{"STOCHGATE_CUDA_GEMM": path, "STOCHGATE_SM90_STAGES": stages, "STOCHGATE_SM90_LAG": lag,
+                "STOCHGATE_SM90_MN": mn}
+               for path, stages, lag, mn in (("auto", "3", "1", "1"), ("auto", "4", "1", "1"), ("auto", "3", "0", "1"),
+                                             ("auto", "4", "0", "1"), ("auto", "3", "0", "0"), ("mma", "3", "1", "1"))]
+    _check_every_product(monkeypatch, dtype, shape, configs)
+
+
+# (B, K, N, C) on the SIMT kernel's edges (float: 128 x 128 tiles, K step 32; double and
+# STOCHGATE_CUDA_SIMT=64: 64 x 64, K step 16).
+SIMT_SHAPES = [
+    (1, 32, 128, 1),  # one row, one tile, one K step
+    (257, 72, 256, 4),  # chunk 64: half a 128-wide tile, one 64-wide tile; K tail of 8
+    (131, 130, 384, 3),  # K = 130: not whole 16-byte vectors (scalar loads), M tail of 3
+    (64, 256, 512, 1),  # chunk = N = 512: four (or eight) N tiles per group
+    (2048, 264, 1024, 8),  # 8 groups of unequal row counts (skewed gates), several M tiles each
+    (90, 40, 96, 2),  # chunk 48: N tail inside the tile
+]
+
+
+@pytest.mark.parametrize("dtype, tile", [(torch.float32, "128"), (torch.float32, "64"), (torch.float64, "64")],
+                         ids=["float32-128", "float32-64", "float64-64"])
+@pytest.mark.parametrize("shape", SIMT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_simt_kernel_tiles(monkeypatch, dtype, tile, shape):
+    """The SIMT GEMM kernel (float and double) in both tile configurations, every product
+    (K-major x K-major forward, the dx / dh row reductions, the M/N-major dweights) against the
+    reference: float on its default 128 x 128 tile and on the 64 x 64 one (STOCHGATE_CUDA_SIMT=64),
+    double on its 64 x 64 tile."""
+    _check_every_product(monkeypatch, dtype, shape, [{"STOCHGATE_CUDA_SIMT": "64" if tile == "64" else "128"}])
 
 
 @pytest.mark.parametrize("zero", ["overlap", "serial"])

@@ -66,6 +66,11 @@ STOCHGATE_GATED_GEMM_LAYOUTS(extern, c10::Half, float)
 STOCHGATE_GATED_GEMM_LAYOUTS(extern, float, float)
 STOCHGATE_GATED_GEMM_LAYOUTS(extern, double, double)
 
+bool simt_small_tile_from_env() {
+  const char* v = std::getenv("STOCHGATE_CUDA_SIMT");
+  return v != nullptr && std::strcmp(v, "64") == 0;
+}
+
 int red_mode_from_env() {
   const char* v = std::getenv("STOCHGATE_CUDA_RED");
   if (v != nullptr && std::strcmp(v, "pairs") == 0) return kRedPairs;

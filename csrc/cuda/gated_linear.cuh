@@ -131,6 +131,10 @@ bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaSt
 template <typename T, typename OutT, bool AK, bool BK>
 void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStream_t stream);
 
+// STOCHGATE_CUDA_SIMT=64: float products on the 64 x 64 SIMT tile instead of the 128 x 128
+// one (see detail::Tile; for comparisons).
+bool simt_small_tile_from_env();
+
 // The RedMode named by STOCHGATE_CUDA_RED (pairs | quads | bulk); unset: kRedBulk on sm_90
 // and later, kRedQuads on older GPUs.
 int red_mode_from_env();
@@ -147,20 +151,25 @@ template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
 
 // Tile shapes. Tensor cores: 128x128 output tile, 8 warps as 2 (M) x 4 (N), each warp
-// 64x32 = 4 x 4 mma tiles of 16x8; K step 32, 3-stage cp.async pipeline. SIMT: 64x64
-// tile, 16x16 threads each owning a 4x4 strided micro-tile, K step 16, 2 stages.
-template <typename T, bool TC = kTensorCores<T>>
+// 64x32 = 4 x 4 mma tiles of 16x8; K step 32, 3-stage cp.async pipeline. SIMT (float,
+// double): 16 x 16 threads, each owning TM x TM outputs of a (16 TM)-square tile, 2 stages;
+// TM = 8 (128 x 128 tile, K step 32, two blocks per SM) for float, TM = 4 (64 x 64, K step 16)
+// for double and, with STOCHGATE_CUDA_SIMT=64, for float (the tile up to run 11 of
+// benchmarks/GPU_NOTES.md). SIMT_TM = 0: the dtype's default.
+template <typename T, bool TC = kTensorCores<T>, int SIMT_TM = 0>
 struct Tile;
 
-template <typename T>
-struct Tile<T, true> {
-  static constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, STAGES = 3;
+template <typename T, int SIMT_TM>
+struct Tile<T, true, SIMT_TM> {
+  static constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, STAGES = 3, MIN_BLOCKS = 1;
   static constexpr int PAD = 8;  // elements (16 bytes) per smem line: conflict-free ldmatrix
 };
 
-template <typename T>
-struct Tile<T, false> {
-  static constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256, STAGES = 2;
+template <typename T, int SIMT_TM>
+struct Tile<T, false, SIMT_TM> {
+  static constexpr int TM = SIMT_TM != 0 ? SIMT_TM : (sizeof(T) == 4 ? 8 : 4);
+  static constexpr int BM = 16 * TM, BN = 16 * TM, BK = TM == 8 ? 32 : 16, THREADS = 256,
+                       STAGES = 2, MIN_BLOCKS = TM == 8 ? 2 : 1;
   static constexpr int PAD = 16 / sizeof(T);  // keeps every line 16-byte aligned
 };
 
@@ -470,11 +479,65 @@ __device__ __forceinline__ void put_frag(const GroupedGemmParams<T, OutT, AccT>&
   put2(p, r1, c, n, N, b0, b1);
 }
 
-template <typename T, typename OutT, bool A_KM, bool B_KM>
-__global__ void __launch_bounds__(Tile<T>::THREADS)
+// SIMT operand fragments from shared memory (float, double; alignment: see Tile and SmemTile).
+// N consecutive elements at s (N * sizeof(T) bytes: 8 or 16, or 32 as two 16-byte loads).
+template <int N, typename T>
+__device__ __forceinline__ void ld_shared_vec(T (&d)[N], const T* s) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "SIMT types only");
+  if constexpr (std::is_same_v<T, float> && N == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(s);
+    d[0] = v.x, d[1] = v.y;
+  } else if constexpr (std::is_same_v<T, float> && N == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(s);
+    d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
+  } else {
+    static_assert(std::is_same_v<T, double> && N % 2 == 0, "unsupported vector");
+#pragma unroll
+    for (int h = 0; h < N; h += 2) {
+      const double2 v = *reinterpret_cast<const double2*>(s + h);
+      d[h] = v.x, d[h + 1] = v.y;
+    }
+  }
+}
+
+// The R x KV operand values a SIMT thread multiplies at K steps kk .. kk + KV - 1: f[r][q] =
+// operand(index(r), kk + q), where the thread's r-th M (or N) index is
+//   t + 16 r                            for a K-major tile (read along k: one KV-vector per r;
+//                                       a warp's 4 or 8 adjacent t are adjacent padded lines,
+//                                       which fall in distinct banks), or
+//   (r / 4) * 64 + 4 t + r % 4          for an M/N-major tile (read along m: one 4-vector per
+//                                       4 r and K step; a warp's t are 64 or 128 contiguous
+//                                       bytes).
+template <bool KMAJOR>
+__device__ __forceinline__ int simt_index(int t, int r) {
+  return KMAJOR ? t + 16 * r : (r / 4) * 64 + 4 * t + r % 4;
+}
+
+template <bool KMAJOR, int R, int KV, typename T>
+__device__ __forceinline__ void simt_frag(T (&f)[R][KV], const T* s, int lds, int t, int kk) {
+  if constexpr (KMAJOR) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) ld_shared_vec<KV>(f[r], s + simt_index<true>(t, r) * lds + kk);
+  } else {
+    static_assert(R % 4 == 0, "M/N-major SIMT fragments come in 4-vectors");
+#pragma unroll
+    for (int q = 0; q < KV; ++q)
+#pragma unroll
+      for (int g = 0; g < R / 4; ++g) {
+        T v[4];
+        ld_shared_vec<4>(v, s + (kk + q) * lds + simt_index<false>(t, 4 * g));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) f[4 * g + e][q] = v[e];
+      }
+  }
+}
+
+template <typename T, typename OutT, bool A_KM, bool B_KM, int SIMT_TM>
+__global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT_TM>::THREADS,
+                                  Tile<T, kTensorCores<T>, SIMT_TM>::MIN_BLOCKS)
     grouped_gemm_kernel(const GroupedGemmParams<T, OutT, acc_of<T>> p) {
   using AccT = acc_of<T>;
-  using Cfg = Tile<T>;
+  using Cfg = Tile<T, kTensorCores<T>, SIMT_TM>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, THREADS = Cfg::THREADS;
   constexpr int STAGES = Cfg::STAGES;
   using SA = SmemTile<T, A_KM, BM, BK, Cfg::PAD>;
@@ -630,15 +693,18 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
       }
     }
   } else {
-    // SIMT: thread (tm, tn) owns rows tm + 16 i and columns tn + 16 j (i, j < 4).
-    constexpr int TM = 4, TN = 4;
-    static_assert(BM == 16 * TM && BN == 16 * TN && THREADS == 256, "SIMT tile mapping");
-    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
-    AccT acc[TM][TN];
+    // SIMT: 8 warps of 4 (m) x 8 (n) threads; thread (tm, tn) owns rows simt_index<A_KM>(tm, i)
+    // and columns simt_index<B_KM>(tn, j), i, j < TM, and reads KV = 2 K steps of its
+    // operands at a time: per 2 K steps 2 TM vector loads from shared memory feed 2 TM^2 FMAs.
+    constexpr int TM = Cfg::TM, KV = 2;
+    static_assert(BM == 16 * TM && BN == 16 * TM && THREADS == 256 && BK % KV == 0, "SIMT tile mapping");
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int tm = (warp / 2) * 4 + lane / 8, tn = (warp % 2) * 8 + lane % 8;
+    AccT acc[TM][TM];
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
-      for (int j = 0; j < TN; ++j) acc[i][j] = AccT(0);
+      for (int j = 0; j < TM; ++j) acc[i][j] = AccT(0);
 
     for (int64_t kt = 0; kt < ktiles; ++kt) {
       cp_async_wait<STAGES - 2>();
@@ -649,37 +715,37 @@ __global__ void __launch_bounds__(Tile<T>::THREADS)
       const T* As = smem_a + (kt % STAGES) * SA::ELEMS;
       const T* Bs = smem_b + (kt % STAGES) * SB::ELEMS;
 #pragma unroll
-      for (int kk = 0; kk < BK; ++kk) {
-        AccT av[TM], bv[TN];
+      for (int kk = 0; kk < BK; kk += KV) {
+        AccT av[TM][KV], bv[TM][KV];
+        simt_frag<A_KM>(av, As, SA::LDS, tm, kk);
+        simt_frag<B_KM>(bv, Bs, SB::LDS, tn, kk);
 #pragma unroll
-        for (int i = 0; i < TM; ++i) {
-          const int m = tm + 16 * i;
-          av[i] = static_cast<AccT>(A_KM ? As[m * SA::LDS + kk] : As[kk * SA::LDS + m]);
-        }
+        for (int q = 0; q < KV; ++q)
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-          const int n = tn + 16 * j;
-          bv[j] = static_cast<AccT>(B_KM ? Bs[n * SB::LDS + kk] : Bs[kk * SB::LDS + n]);
-        }
+          for (int i = 0; i < TM; ++i)
 #pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-          for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+            for (int j = 0; j < TM; ++j) acc[i][j] = fma(av[i][q], bv[j][q], acc[i][j]);
       }
     }
     cp_async_wait<0>();
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-      const auto row = out_row(p, c, seg, grows, m0 + tm + 16 * i, M);
+      const auto row = out_row(p, c, seg, grows, m0 + simt_index<A_KM>(tm, i), M);
+      if constexpr (B_KM) {
 #pragma unroll
-      for (int j = 0; j < TN; ++j) put1(p, row, c, n0 + tn + 16 * j, N, acc[i][j]);
+        for (int j = 0; j < TM; ++j) put1(p, row, c, n0 + simt_index<true>(tn, j), N, acc[i][j]);
+      } else {  // columns in runs of 4: two 2-element stores (or vector reductions) per run
+#pragma unroll
+        for (int j = 0; j < TM; j += 2)
+          put2(p, row, c, n0 + simt_index<false>(tn, j), N, acc[i][j], acc[i][j + 1]);
+      }
     }
   }
 }
 
-template <typename T, bool AK, bool BK>
+template <typename T, bool AK, bool BK, int SIMT_TM>
 constexpr int smem_bytes() {
-  using Cfg = Tile<T>;
+  using Cfg = Tile<T, kTensorCores<T>, SIMT_TM>;
   return Cfg::STAGES *
          (SmemTile<T, AK, Cfg::BM, Cfg::BK, Cfg::PAD>::ELEMS +
           SmemTile<T, BK, Cfg::BN, Cfg::BK, Cfg::PAD>::ELEMS) *
@@ -688,15 +754,37 @@ constexpr int smem_bytes() {
 
 }  // namespace detail
 
+namespace detail {
+// The launch with one tile configuration (grid sized by its tile).
+template <typename T, typename OutT, bool AK, bool BK, int SIMT_TM>
+void launch_tiles(const GroupedGemmParams<T, OutT, acc_of<T>>& q, cudaStream_t stream) {
+  using Cfg = Tile<T, kTensorCores<T>, SIMT_TM>;
+  const int64_t mt = (q.max_m + Cfg::BM - 1) / Cfg::BM;
+  const int64_t nt = (q.max_n + Cfg::BN - 1) / Cfg::BN;
+  STOCHGATE_CHECK(mt <= 65535 && nt <= 65535,
+                  "stochgate gated matmul: problem too large for the CUDA grid (", q.max_m, " x ",
+                  q.max_n, " outputs per chunk)");
+  constexpr int operand_smem = smem_bytes<T, AK, BK, SIMT_TM>();
+  // kRedBulk stages the output tile where the operands were (tensor-core kernels only).
+  const int smem = q.red_mode == kRedBulk && kTensorCores<T>
+                       ? std::max(operand_smem, Cfg::BM * kBulkRow)
+                       : operand_smem;
+  auto kernel = grouped_gemm_kernel<T, OutT, AK, BK, SIMT_TM>;
+  if (smem > 48 * 1024) {
+    // Not a stream operation: legal during CUDA graph capture.
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
+  const dim3 grid(static_cast<unsigned>(q.num_groups), static_cast<unsigned>(mt),
+                  static_cast<unsigned>(nt));
+  kernel<<<grid, Cfg::THREADS, smem, stream>>>(q);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+}  // namespace detail
+
 template <typename T, typename OutT, bool AK, bool BK>
 void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStream_t stream) {
-  using Cfg = detail::Tile<T>;
   if (p.num_groups <= 0 || p.max_m <= 0 || p.max_n <= 0) return;
-  const int64_t mt = (p.max_m + Cfg::BM - 1) / Cfg::BM;
-  const int64_t nt = (p.max_n + Cfg::BN - 1) / Cfg::BN;
-  STOCHGATE_CHECK(mt <= 65535 && nt <= 65535,
-                  "stochgate gated matmul: problem too large for the CUDA grid (", p.max_m, " x ",
-                  p.max_n, " outputs per chunk)");
   GroupedGemmParams<T, OutT, acc_of<T>> q = p;
   q.out_pair = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(OutT)) == 0 && p.ldo % 2 == 0 &&
                p.out_group_stride % 2 == 0;
@@ -709,22 +797,10 @@ void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStr
   if (q.red_mode == kRedBulk && (p.n == kFromCount || p.n % 4 != 0)) q.red_mode = kRedQuads;
   if constexpr (detail::kTensorCores<T>) {
     if (launch_grouped_gemm_sm90<T, OutT, AK, BK>(q, stream)) return;
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (simt_small_tile_from_env()) return detail::launch_tiles<T, OutT, AK, BK, 4>(q, stream);
   }
-  constexpr int operand_smem = detail::smem_bytes<T, AK, BK>();
-  // kRedBulk stages the output tile where the operands were (tensor-core kernels only).
-  const int smem = q.red_mode == kRedBulk && detail::kTensorCores<T>
-                       ? std::max(operand_smem, Cfg::BM * detail::kBulkRow)
-                       : operand_smem;
-  auto kernel = detail::grouped_gemm_kernel<T, OutT, AK, BK>;
-  if (smem > 48 * 1024) {
-    // Not a stream operation: legal during CUDA graph capture.
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
-  const dim3 grid(static_cast<unsigned>(p.num_groups), static_cast<unsigned>(mt),
-                  static_cast<unsigned>(nt));
-  kernel<<<grid, Cfg::THREADS, smem, stream>>>(q);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  detail::launch_tiles<T, OutT, AK, BK, 0>(q, stream);
 }
 
 #endif  // STOCHGATE_GATED_GEMM_IMPL
