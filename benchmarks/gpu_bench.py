@@ -188,6 +188,9 @@ def summary(results: dict) -> None:
 def main() -> int:
     outdir = Path(sys.argv[1])
     quick = "--quick" in sys.argv
+    # --only PREFIX: only the runs whose name starts with PREFIX (say fp32), without the
+    # sample-and-route and per-kernel sections (bf16).
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -220,6 +223,8 @@ def main() -> int:
     ]
     results = {"info": info}
     for name, extra in runs:
+        if not name.startswith(only):
+            continue
         print(f"\n##### {name}  ({time.time() - t0:.0f} s)", flush=True)
         try:
             args = bench.parse_args(common + extra)
@@ -233,6 +238,8 @@ def main() -> int:
         (outdir / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"\n##### sample and route ({time.time() - t0:.0f} s)", flush=True)
     try:
+        if only:
+            raise RuntimeError(f"skipped (--only {only})")
         results["info"]["sample_and_route"] = sample_and_route()
         for r in results["info"]["sample_and_route"]:
             print(f"d={r['density']} (given gates {r['given_density']:.4f}, drawn {r['drawn_density']:.4f}), "
@@ -246,6 +253,8 @@ def main() -> int:
         print(f"sample and route FAILED: {type(exc).__name__}: {exc}")
     print(f"\n##### kernel breakdown ({time.time() - t0:.0f} s)", flush=True)
     try:
+        if only:
+            raise RuntimeError(f"skipped (--only {only})")
         results["kernels"] = kernel_breakdown()
         for cfg, rows in results["kernels"].items():
             print(cfg)

@@ -12,6 +12,7 @@
 #
 #   bash benchmarks/gpu_check.sh "$OUT"
 #   GPU_CHECK_SKIP="sanitizer bench" bash benchmarks/gpu_check.sh DIR   # skip parts
+#   GPU_BENCH_ARGS="--only fp32" bash benchmarks/gpu_check.sh DIR        # gpu_bench.py options
 #   (parts: exceptions redrate tests sm90 simt bench ncu sanitizer; SANITIZER_TOOLS="memcheck" runs one tool)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -111,7 +112,7 @@ fi
 
 if ! skip bench; then
   step "benchmark (benchmarks/gpu_bench.py)"
-  timeout 330 $PY benchmarks/gpu_bench.py "$DIR" > "$DIR/gpu_bench.txt" 2>&1
+  timeout 330 $PY benchmarks/gpu_bench.py "$DIR" ${GPU_BENCH_ARGS:-} > "$DIR/gpu_bench.txt" 2>&1
   echo "gpu_bench exit status: $?"
 fi
 

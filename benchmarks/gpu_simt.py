@@ -1,8 +1,10 @@
-"""The float32 (SIMT) GEMM kernel of csrc/cuda/gated_linear.cuh in its two tile configurations,
-in one process on a CUDA GPU: the default 128 x 128 tile (8 x 8 outputs per thread, K step 32,
-two blocks per SM; since session 12 of benchmarks/GPU_NOTES.md) against the 64 x 64 one
-(4 x 4 per thread, K step 16; STOCHGATE_CUDA_SIMT=64, the tile of runs 1-11). First the worst
-relative error of both against float64 on awkward shapes, then timings at the issue's shape
+"""The float32 (SIMT) GEMM kernel of csrc/cuda/gated_linear.cuh in its configurations, in one
+process on a CUDA GPU (benchmarks/GPU_NOTES.md, runs 12-13): the default 128 x 128 tile (8 x 8
+outputs per thread, K step 32, two blocks per SM, K-major operands transposed into shared
+memory: run 13), the same tile with K-major operands kept K-major and read two K steps per
+vector (STOCHGATE_CUDA_SIMT=128k: run 12's default) and the 64 x 64 tile (4 x 4 per thread, K
+step 16; STOCHGATE_CUDA_SIMT=64, the tile size of runs 1-11). First the worst relative error of
+each against float64 on awkward shapes, then timings at the issue's shape
 (float32, TF32 off, B=16384, K=N=4096, chunk 128), interleaved with dense cuBLAS: gated_linear's
 forward and its backward op (dx, dweight, dbias; gates without gradient), eager and replayed from
 a CUDA graph. Writes gpu_simt.json into the directory given as the first argument.
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_sm90 import _median_ms, graph_of, rel_err  # noqa: E402
 
 B, K, N, CHUNK = 16384, 4096, 4096, 128
-VARIANTS = {"simt128": "128", "simt64": "64"}
+VARIANTS = {"simt128": "128", "simt128k": "128k", "simt64": "64"}
 
 
 def use(variant: str) -> None:

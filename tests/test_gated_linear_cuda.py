@@ -515,15 +515,16 @@ SIMT_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype, tile", [(torch.float32, "128"), (torch.float32, "64"), (torch.float64, "64")],
-                         ids=["float32-128", "float32-64", "float64-64"])
+@pytest.mark.parametrize("dtype, config", [(torch.float32, "128"), (torch.float32, "128k"), (torch.float32, "64"),
+                                           (torch.float64, "default")], ids=lambda v: str(v))
 @pytest.mark.parametrize("shape", SIMT_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_simt_kernel_tiles(monkeypatch, dtype, tile, shape):
-    """The SIMT GEMM kernel (float and double) in both tile configurations, every product
-    (K-major x K-major forward, the dx / dh row reductions, the M/N-major dweights) against the
-    reference: float on its default 128 x 128 tile and on the 64 x 64 one (STOCHGATE_CUDA_SIMT=64),
-    double on its 64 x 64 tile."""
-    _check_every_product(monkeypatch, dtype, shape, [{"STOCHGATE_CUDA_SIMT": "64" if tile == "64" else "128"}])
+def test_simt_kernel_tiles(monkeypatch, dtype, config, shape):
+    """The SIMT GEMM kernel (float and double) in each configuration, every product (K-major x
+    K-major forward, the dx / dh row reductions, the M/N-major dweights) against the reference:
+    float on its default 128 x 128 tile with K-major operands transposed into shared memory, on
+    the same tile with them kept K-major (STOCHGATE_CUDA_SIMT=128k) and on the 64 x 64 tile
+    (STOCHGATE_CUDA_SIMT=64); double on its 64 x 64 tile."""
+    _check_every_product(monkeypatch, dtype, shape, [{"STOCHGATE_CUDA_SIMT": config}])
 
 
 @pytest.mark.parametrize("zero", ["overlap", "serial"])

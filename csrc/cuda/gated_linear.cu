@@ -66,9 +66,11 @@ STOCHGATE_GATED_GEMM_LAYOUTS(extern, c10::Half, float)
 STOCHGATE_GATED_GEMM_LAYOUTS(extern, float, float)
 STOCHGATE_GATED_GEMM_LAYOUTS(extern, double, double)
 
-bool simt_small_tile_from_env() {
+int simt_config_from_env() {
   const char* v = std::getenv("STOCHGATE_CUDA_SIMT");
-  return v != nullptr && std::strcmp(v, "64") == 0;
+  if (v != nullptr && std::strcmp(v, "128k") == 0) return kSimt128K;
+  if (v != nullptr && std::strcmp(v, "64") == 0) return kSimt64;
+  return kSimtDefault;
 }
 
 int red_mode_from_env() {

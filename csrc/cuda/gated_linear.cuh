@@ -131,9 +131,12 @@ bool launch_grouped_gemm_sm90(const GroupedGemmParams<T, OutT, float>& p, cudaSt
 template <typename T, typename OutT, bool AK, bool BK>
 void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStream_t stream);
 
-// STOCHGATE_CUDA_SIMT=64: float products on the 64 x 64 SIMT tile instead of the 128 x 128
-// one (see detail::Tile; for comparisons).
-bool simt_small_tile_from_env();
+// SIMT GEMM configurations (float and double products; see detail::Tile).
+enum SimtConfig : int { kSimtDefault = 0, kSimt128K = 1, kSimt64 = 2 };
+
+// The SIMT configuration of float products named by STOCHGATE_CUDA_SIMT (for comparisons; see
+// detail::Tile): 128k -> kSimt128K, 64 -> kSimt64, anything else (unset) -> kSimtDefault.
+int simt_config_from_env();
 
 // The RedMode named by STOCHGATE_CUDA_RED (pairs | quads | bulk); unset: kRedBulk on sm_90
 // and later, kRedQuads on older GPUs.
@@ -152,25 +155,31 @@ constexpr bool kTensorCores = std::is_same_v<T, c10::Half> || std::is_same_v<T, 
 
 // Tile shapes. Tensor cores: 128x128 output tile, 8 warps as 2 (M) x 4 (N), each warp
 // 64x32 = 4 x 4 mma tiles of 16x8; K step 32, 3-stage cp.async pipeline. SIMT (float,
-// double): 16 x 16 threads, each owning TM x TM outputs of a (16 TM)-square tile, 2 stages;
-// TM = 8 (128 x 128 tile, K step 32, two blocks per SM) for float, TM = 4 (64 x 64, K step 16)
-// for double and, with STOCHGATE_CUDA_SIMT=64, for float (the tile up to run 11 of
-// benchmarks/GPU_NOTES.md). SIMT_TM = 0: the dtype's default.
-template <typename T, bool TC = kTensorCores<T>, int SIMT_TM = 0>
+// double): 16 x 16 threads, each owning TM x TM outputs of a (16 TM)-square tile, 2 stages,
+// both operand tiles M/N-major in shared memory (TRANSPOSE: K-major operands are transposed
+// by the copy). SimtConfig (STOCHGATE_CUDA_SIMT, see simt_config_from_env):
+//   kSimtDefault  float: TM = 8 (128 x 128 tile, K step 32, two blocks per SM); double: TM = 4
+//                 (64 x 64, K step 16);
+//   kSimt128K     float, TM = 8 with K-major operands kept K-major in shared memory and read
+//                 two K steps per vector (run 12 of benchmarks/GPU_NOTES.md), for comparisons;
+//   kSimt64       float, TM = 4 (64 x 64, K step 16: the tile size of runs 1-11), for comparisons.
+template <typename T, bool TC = kTensorCores<T>, int SIMT = kSimtDefault>
 struct Tile;
 
-template <typename T, int SIMT_TM>
-struct Tile<T, true, SIMT_TM> {
+template <typename T, int SIMT>
+struct Tile<T, true, SIMT> {
   static constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, STAGES = 3, MIN_BLOCKS = 1;
   static constexpr int PAD = 8;  // elements (16 bytes) per smem line: conflict-free ldmatrix
+  static constexpr bool TRANSPOSE = false;
 };
 
-template <typename T, int SIMT_TM>
-struct Tile<T, false, SIMT_TM> {
-  static constexpr int TM = SIMT_TM != 0 ? SIMT_TM : (sizeof(T) == 4 ? 8 : 4);
+template <typename T, int SIMT>
+struct Tile<T, false, SIMT> {
+  static constexpr int TM = SIMT == kSimt64 || (SIMT == kSimtDefault && sizeof(T) == 8) ? 4 : 8;
   static constexpr int BM = 16 * TM, BN = 16 * TM, BK = TM == 8 ? 32 : 16, THREADS = 256,
                        STAGES = 2, MIN_BLOCKS = TM == 8 ? 2 : 1;
   static constexpr int PAD = 16 / sizeof(T);  // keeps every line 16-byte aligned
+  static constexpr bool TRANSPOSE = SIMT != kSimt128K;
 };
 
 // Shared-memory layout of one operand tile: LINES lines of LEN positions, line stride LDS.
@@ -190,6 +199,19 @@ __device__ __forceinline__ void cp_async16(unsigned smem, const void* gmem, bool
 }
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   cp_async16(static_cast<unsigned>(__cvta_generic_to_shared(smem)), gmem, pred);
+}
+// One element (4 or 8 bytes: any float or double address is aligned for it); pred false:
+// zero-filled, nothing read.
+template <typename T>
+__device__ __forceinline__ void cp_async_elem(T* smem, const T* gmem, bool pred) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "4- or 8-byte elements");
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = pred ? static_cast<int>(sizeof(T)) : 0;
+  if constexpr (sizeof(T) == 4) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+  }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -227,6 +249,44 @@ __device__ __forceinline__ void load_tile(T* smem, const GemmOperand<T>& op, con
       for (int e = 0; e < VEC; ++e) {
         const bool ok = line_ok && gp + e < pos_ext;
         dst[e] = ok ? base[line * op.ld + gp + e] : T(0);
+      }
+    }
+  }
+}
+
+// Copies a K-major operand tile (lines line0.., positions pos0..) transposed, into the M/N-major
+// shared-memory layout of S (S::LINES = the tile's positions, S::LEN = its lines): element
+// (line s, position q) to smem[q * S::LDS + s]; out-of-range elements become zeros. One cp.async
+// per element: a warp copies 8 positions of 4 lines per instruction (8 consecutive elements of
+// each line from global memory; with a line stride of 4 mod 32 words, 32 distinct banks).
+template <typename T, typename S, int THREADS>
+__device__ __forceinline__ void load_tile_transposed(T* smem, const GemmOperand<T>& op, const T* base,
+                                                     const int* gather_rows, int64_t line0,
+                                                     int64_t line_ext, int64_t pos0, int64_t pos_ext) {
+  constexpr int WARPS = THREADS / 32, LINE_GROUPS = S::LEN / 4, POS_GROUPS = S::LINES / 8;
+  static_assert(S::LEN % 4 == 0 && S::LINES % 8 == 0 && LINE_GROUPS % WARPS == 0, "tile mapping");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Whole tile inside K (all but the last K tile): only the line decides.
+  const bool all_pos = pos0 + S::LINES <= pos_ext;
+  T* dst = smem + (lane % 8) * S::LDS + lane / 8;
+#pragma unroll
+  for (int g = 0; g < LINE_GROUPS / WARPS; ++g) {
+    const int s = (warp + WARPS * g) * 4;  // + lane / 8, in dst
+    const int64_t gl = line0 + s + lane / 8;
+    const bool line_ok = gl < line_ext;
+    int64_t line = 0;
+    if (line_ok) line = op.gather ? gather_rows[gl] : gl;
+    // Elements not copied (pred false) read nothing; their address is at most the operand's start
+    // plus a tile's positions.
+    const T* src = line_ok ? base + line * op.ld + pos0 + lane % 8 : base;
+    if (all_pos) {
+#pragma unroll
+      for (int pg = 0; pg < POS_GROUPS; ++pg) cp_async_elem(dst + pg * 8 * S::LDS + s, src + pg * 8, line_ok);
+    } else {
+#pragma unroll
+      for (int pg = 0; pg < POS_GROUPS; ++pg) {
+        const bool ok = line_ok && pos0 + pg * 8 + lane % 8 < pos_ext;
+        cp_async_elem(dst + pg * 8 * S::LDS + s, ok ? src + pg * 8 : base, ok);
       }
     }
   }
@@ -532,16 +592,18 @@ __device__ __forceinline__ void simt_frag(T (&f)[R][KV], const T* s, int lds, in
   }
 }
 
-template <typename T, typename OutT, bool A_KM, bool B_KM, int SIMT_TM>
-__global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT_TM>::THREADS,
-                                  Tile<T, kTensorCores<T>, SIMT_TM>::MIN_BLOCKS)
+template <typename T, typename OutT, bool A_KM, bool B_KM, int SIMT>
+__global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT>::THREADS,
+                                  Tile<T, kTensorCores<T>, SIMT>::MIN_BLOCKS)
     grouped_gemm_kernel(const GroupedGemmParams<T, OutT, acc_of<T>> p) {
   using AccT = acc_of<T>;
-  using Cfg = Tile<T, kTensorCores<T>, SIMT_TM>;
+  using Cfg = Tile<T, kTensorCores<T>, SIMT>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, THREADS = Cfg::THREADS;
   constexpr int STAGES = Cfg::STAGES;
-  using SA = SmemTile<T, A_KM, BM, BK, Cfg::PAD>;
-  using SB = SmemTile<T, B_KM, BN, BK, Cfg::PAD>;
+  // Shared-memory layouts: the global ones, except where Cfg::TRANSPOSE makes them M/N-major.
+  constexpr bool A_SK = A_KM && !Cfg::TRANSPOSE, B_SK = B_KM && !Cfg::TRANSPOSE;
+  using SA = SmemTile<T, A_SK, BM, BK, Cfg::PAD>;
+  using SB = SmemTile<T, B_SK, BN, BK, Cfg::PAD>;
 
   const int c = blockIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
@@ -564,12 +626,16 @@ __global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT_TM>::THREADS,
   // Stage s <- K tile kt. Lines/positions per layout as in the header comment.
   auto load_stage = [&](int s, int64_t kt) {
     const int64_t k0 = kt * BK;
-    if constexpr (A_KM) {
+    if constexpr (A_KM && !A_SK) {
+      load_tile_transposed<T, SA, THREADS>(smem_a + s * SA::ELEMS, p.a, a_base, grows, m0, M, k0, K);
+    } else if constexpr (A_KM) {
       load_tile<T, SA, THREADS>(smem_a + s * SA::ELEMS, p.a, a_base, grows, m0, M, k0, K);
     } else {
       load_tile<T, SA, THREADS>(smem_a + s * SA::ELEMS, p.a, a_base, grows, k0, K, m0, M);
     }
-    if constexpr (B_KM) {
+    if constexpr (B_KM && !B_SK) {
+      load_tile_transposed<T, SB, THREADS>(smem_b + s * SB::ELEMS, p.b, b_base, grows, n0, N, k0, K);
+    } else if constexpr (B_KM) {
       load_tile<T, SB, THREADS>(smem_b + s * SB::ELEMS, p.b, b_base, grows, n0, N, k0, K);
     } else {
       load_tile<T, SB, THREADS>(smem_b + s * SB::ELEMS, p.b, b_base, grows, k0, K, n0, N);
@@ -693,10 +759,11 @@ __global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT_TM>::THREADS,
       }
     }
   } else {
-    // SIMT: 8 warps of 4 (m) x 8 (n) threads; thread (tm, tn) owns rows simt_index<A_KM>(tm, i)
-    // and columns simt_index<B_KM>(tn, j), i, j < TM, and reads KV = 2 K steps of its
-    // operands at a time: per 2 K steps 2 TM vector loads from shared memory feed 2 TM^2 FMAs.
-    constexpr int TM = Cfg::TM, KV = 2;
+    // SIMT: 8 warps of 4 (m) x 8 (n) threads; thread (tm, tn) owns rows simt_index<A_SK>(tm, i)
+    // and columns simt_index<B_SK>(tn, j), i, j < TM, and reads KV K steps of its operands at a
+    // time: M/N-major tiles one K step (TM / 4 4-vectors per operand for TM^2 FMAs), K-major
+    // ones (kSimt128K only) two K steps per vector.
+    constexpr int TM = Cfg::TM, KV = A_SK || B_SK ? 2 : 1;
     static_assert(BM == 16 * TM && BN == 16 * TM && THREADS == 256 && BK % KV == 0, "SIMT tile mapping");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int tm = (warp / 2) * 4 + lane / 8, tn = (warp % 2) * 8 + lane % 8;
@@ -717,8 +784,8 @@ __global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT_TM>::THREADS,
 #pragma unroll
       for (int kk = 0; kk < BK; kk += KV) {
         AccT av[TM][KV], bv[TM][KV];
-        simt_frag<A_KM>(av, As, SA::LDS, tm, kk);
-        simt_frag<B_KM>(bv, Bs, SB::LDS, tn, kk);
+        simt_frag<A_SK>(av, As, SA::LDS, tm, kk);
+        simt_frag<B_SK>(bv, Bs, SB::LDS, tn, kk);
 #pragma unroll
         for (int q = 0; q < KV; ++q)
 #pragma unroll
@@ -730,8 +797,8 @@ __global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT_TM>::THREADS,
     cp_async_wait<0>();
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
-      const auto row = out_row(p, c, seg, grows, m0 + simt_index<A_KM>(tm, i), M);
-      if constexpr (B_KM) {
+      const auto row = out_row(p, c, seg, grows, m0 + simt_index<A_SK>(tm, i), M);
+      if constexpr (B_SK) {
 #pragma unroll
         for (int j = 0; j < TM; ++j) put1(p, row, c, n0 + simt_index<true>(tn, j), N, acc[i][j]);
       } else {  // columns in runs of 4: two 2-element stores (or vector reductions) per run
@@ -743,12 +810,12 @@ __global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT_TM>::THREADS,
   }
 }
 
-template <typename T, bool AK, bool BK, int SIMT_TM>
+template <typename T, bool AK, bool BK, int SIMT>
 constexpr int smem_bytes() {
-  using Cfg = Tile<T, kTensorCores<T>, SIMT_TM>;
+  using Cfg = Tile<T, kTensorCores<T>, SIMT>;
   return Cfg::STAGES *
-         (SmemTile<T, AK, Cfg::BM, Cfg::BK, Cfg::PAD>::ELEMS +
-          SmemTile<T, BK, Cfg::BN, Cfg::BK, Cfg::PAD>::ELEMS) *
+         (SmemTile<T, AK && !Cfg::TRANSPOSE, Cfg::BM, Cfg::BK, Cfg::PAD>::ELEMS +
+          SmemTile<T, BK && !Cfg::TRANSPOSE, Cfg::BN, Cfg::BK, Cfg::PAD>::ELEMS) *
          static_cast<int>(sizeof(T));
 }
 
@@ -756,20 +823,20 @@ constexpr int smem_bytes() {
 
 namespace detail {
 // The launch with one tile configuration (grid sized by its tile).
-template <typename T, typename OutT, bool AK, bool BK, int SIMT_TM>
+template <typename T, typename OutT, bool AK, bool BK, int SIMT>
 void launch_tiles(const GroupedGemmParams<T, OutT, acc_of<T>>& q, cudaStream_t stream) {
-  using Cfg = Tile<T, kTensorCores<T>, SIMT_TM>;
+  using Cfg = Tile<T, kTensorCores<T>, SIMT>;
   const int64_t mt = (q.max_m + Cfg::BM - 1) / Cfg::BM;
   const int64_t nt = (q.max_n + Cfg::BN - 1) / Cfg::BN;
   STOCHGATE_CHECK(mt <= 65535 && nt <= 65535,
                   "stochgate gated matmul: problem too large for the CUDA grid (", q.max_m, " x ",
                   q.max_n, " outputs per chunk)");
-  constexpr int operand_smem = smem_bytes<T, AK, BK, SIMT_TM>();
+  constexpr int operand_smem = smem_bytes<T, AK, BK, SIMT>();
   // kRedBulk stages the output tile where the operands were (tensor-core kernels only).
   const int smem = q.red_mode == kRedBulk && kTensorCores<T>
                        ? std::max(operand_smem, Cfg::BM * kBulkRow)
                        : operand_smem;
-  auto kernel = grouped_gemm_kernel<T, OutT, AK, BK, SIMT_TM>;
+  auto kernel = grouped_gemm_kernel<T, OutT, AK, BK, SIMT>;
   if (smem > 48 * 1024) {
     // Not a stream operation: legal during CUDA graph capture.
     C10_CUDA_CHECK(
@@ -798,9 +865,11 @@ void launch_grouped_gemm(const GroupedGemmParams<T, OutT, acc_of<T>>& p, cudaStr
   if constexpr (detail::kTensorCores<T>) {
     if (launch_grouped_gemm_sm90<T, OutT, AK, BK>(q, stream)) return;
   } else if constexpr (std::is_same_v<T, float>) {
-    if (simt_small_tile_from_env()) return detail::launch_tiles<T, OutT, AK, BK, 4>(q, stream);
+    const int simt = simt_config_from_env();
+    if (simt == kSimt128K) return detail::launch_tiles<T, OutT, AK, BK, kSimt128K>(q, stream);
+    if (simt == kSimt64) return detail::launch_tiles<T, OutT, AK, BK, kSimt64>(q, stream);
   }
-  detail::launch_tiles<T, OutT, AK, BK, 0>(q, stream);
+  detail::launch_tiles<T, OutT, AK, BK, kSimtDefault>(q, stream);
 }
 
 #endif  // STOCHGATE_GATED_GEMM_IMPL
