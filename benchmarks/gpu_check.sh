@@ -129,17 +129,20 @@ if ! skip sanitizer; then
   step "compute-sanitizer (memcheck, racecheck) on a short subset"
   # No caching allocator under memcheck: every tensor is its own allocation, so a read past
   # its end is caught instead of landing in a neighbour of the same pool block.
-  BASE="(test_row_reduce_atomic_and_deterministic and (130x300 or 517x257)) or test_cuda_sampling_vector_and_scalar_paths or test_cuda_reinforce_backward or test_cpu_and_cuda_agree or test_many_routing_tiles or test_non_contiguous_inputs or test_cpu_and_cuda_draw or (bfloat16 and (130 or 300) and (test_gated_linear_forward or test_gated_input_linear_forward_backward)) or (test_gated_linear_backward and bias-full and 130 and bfloat16) or (test_simt_kernel_tiles and (257x72 or 131x130))"
+  BASE="(test_row_reduce_atomic_and_deterministic and (130x300 or 517x257)) or test_cuda_sampling_vector_and_scalar_paths or test_cuda_reinforce_backward or test_cpu_and_cuda_agree or test_many_routing_tiles or test_non_contiguous_inputs or test_cpu_and_cuda_draw or (bfloat16 and (130 or 300) and (test_gated_linear_forward or test_gated_input_linear_forward_backward)) or (test_gated_linear_backward and bias-full and 130 and bfloat16)"
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     # Racecheck over the Hopper kernel's larger shapes did not finish in 150 s (run 4 of
     # GPU_NOTES.md): it gets the kernel's two smallest shapes only.
     HOPPER="test_hopper_and_mma_kernels"
     [ "$tool" = racecheck ] && HOPPER="(test_hopper_and_mma_kernels and (1x64x128x1 or 257x72x256x4))"
+    # Likewise the SIMT kernel's (run 12: racecheck over two shapes of it did not finish).
+    SIMT="(test_simt_kernel_tiles and (257x72 or 131x130))"
+    [ "$tool" = racecheck ] && SIMT="(test_simt_kernel_tiles and 1x32x128x1)"
     # SANITIZER_K_<tool> replaces a tool's test selection (say, to race-check one new kernel).
     # CUDA-graph tests never run here: without the caching allocator every allocation inside
     # a capture is a cudaMalloc, which capture forbids (run 11 of GPU_NOTES.md).
     SEL_VAR="SANITIZER_K_$tool"
-    SEL="(${!SEL_VAR:-"$HOPPER or $BASE"}) and not graph_capture and not test_zero_fill_beside_the_gemm"
+    SEL="(${!SEL_VAR:-"$HOPPER or $SIMT or $BASE"}) and not graph_capture and not test_zero_fill_beside_the_gemm"
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool $tool --error-exitcode 99 \
       $PY -m pytest -q -p no:cacheprovider tests/test_gated_linear_cuda.py tests/test_estimators.py \
       -k "$SEL" > "$DIR/sanitizer_$tool.txt" 2>&1

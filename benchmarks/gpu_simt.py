@@ -27,7 +27,7 @@ import stochgate
 from stochgate import bench, reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_sm90 import _median_ms, graph_of, rel_err  # noqa: E402
+from gpu_sm90 import _median_ms, graph_of, print_timings, rel_err  # noqa: E402
 
 B, K, N, CHUNK = 16384, 4096, 4096, 128
 VARIANTS = {"simt128": "128", "simt128k": "128k", "simt64": "64"}
@@ -124,16 +124,7 @@ def main() -> int:
     (outdir / "gpu_simt.json").write_text(json.dumps(res, indent=1))
     print(f"\ntimings ({time.time() - t0:.0f} s), float32 B={B} K=N={K} chunk {CHUNK}: median ms eager / graph "
           "replay, speedup over dense (same mode)")
-    by: dict = {}
-    for r in res["timings"]:
-        by.setdefault((r["op"], r["density"]), {})[r["variant"]] = r
-    for (op, d), vs in by.items():
-        dense = vs["dense"]
-        cells = [f"dense {dense['eager_ms']:.3f}/{dense['graph_ms']:.3f}"]
-        for v in VARIANTS:
-            cells.append(f"{v} {vs[v]['eager_ms']:.3f}/{vs[v]['graph_ms']:.3f} "
-                         f"({dense['eager_ms'] / vs[v]['eager_ms']:.2f}x/{dense['graph_ms'] / vs[v]['graph_ms']:.2f}x)")
-        print(f"{op:<21} d={d:<4} " + " | ".join(cells))
+    print_timings(res["timings"], VARIANTS)
     return 1 if bad else 0
 
 

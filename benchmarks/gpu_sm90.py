@@ -131,6 +131,21 @@ def graph_of(fn):
     return g.replay
 
 
+def print_timings(rows: list[dict], variants) -> None:
+    """One line per (op, density): dense and each variant, ms eager / graph replay and the
+    speedups over dense in the same mode."""
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["op"], r["density"]), {})[r["variant"]] = r
+    for (op, d), vs in by.items():
+        dense = vs["dense"]
+        cells = [f"dense {dense['eager_ms']:.3f}/{dense['graph_ms']:.3f}"]
+        for v in variants:
+            cells.append(f"{v} {vs[v]['eager_ms']:.3f}/{vs[v]['graph_ms']:.3f} "
+                         f"({dense['eager_ms'] / vs[v]['eager_ms']:.2f}x/{dense['graph_ms'] / vs[v]['graph_ms']:.2f}x)")
+        print(f"{op:<21} d={d:<4} " + " | ".join(cells))
+
+
 def timings(repeats: int = 25) -> list[dict]:
     """Forward of both ops, and gated_linear's backward op (dx, dweight, dbias; gates need no
     gradient: the training step's backward) against cuBLAS doing the same three products."""
@@ -191,16 +206,7 @@ def main() -> int:
     (outdir / "gpu_sm90.json").write_text(json.dumps(res, indent=1))
     print(f"\ntimings ({time.time() - t0:.0f} s), bf16 B={B} K=N={K} chunk {CHUNK}: median ms eager / graph replay, "
           "speedup over dense (same mode)")
-    by = {}
-    for r in res["timings"]:
-        by.setdefault((r["op"], r["density"]), {})[r["variant"]] = r
-    for (op, d), vs in by.items():
-        dense = vs["dense"]
-        cells = [f"dense {dense['eager_ms']:.3f}/{dense['graph_ms']:.3f}"]
-        for v in VARIANTS:
-            cells.append(f"{v} {vs[v]['eager_ms']:.3f}/{vs[v]['graph_ms']:.3f} "
-                         f"({dense['eager_ms'] / vs[v]['eager_ms']:.2f}x/{dense['graph_ms'] / vs[v]['graph_ms']:.2f}x)")
-        print(f"{op:<21} d={d:<4} " + " | ".join(cells))
+    print_timings(res["timings"], VARIANTS)
     return 1 if bad else 0
 
 

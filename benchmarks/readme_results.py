@@ -17,10 +17,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-# The GPU run the README shows: run 9 of benchmarks/GPU_NOTES.md (an H100, the code as
-# committed). Earlier runs' files (gpu_h100*.json: runs 1-5 and 8 on an H100; gpu_h200*.json:
-# runs 6-7 on an H200) stay for the notes.
-GPU_RESULTS = "gpu_h100_run11.json"
+# The GPU run the README shows: run 12 of benchmarks/GPU_NOTES.md (an H200; its bf16 code is
+# the code as committed), with the float32 rows of run 13 (the same kind of card, the current
+# float32 kernel; GPU_FP32_RESULTS) and run 13's float32 kernel comparison (GPU_SIMT). The
+# Hopper-kernel variants table is run 11's (an H100; GPU_SM90). Earlier runs' files stay for
+# the notes.
+GPU_RESULTS = "gpu_h200_run12.json"
+GPU_FP32_RESULTS = "gpu_h200_run13.json"
+GPU_SIMT = "gpu_h200_run13_simt.json"
+GPU_SM90 = "gpu_h100_run11_sm90.json"
 
 
 def _machine(r: dict) -> str:
@@ -133,13 +138,19 @@ def _mnist(path: Path) -> list[str]:
     return out
 
 
-def _gpu(path: Path) -> list[str]:
+def _gpu(path: Path, fp32_path: Path) -> list[str]:
     """The GPU benchmark (benchmarks/gpu_bench.py): one table of every op, pass and dtype over
-    the densities, the estimator kernels against copy bandwidth, the training step."""
+    the densities, the estimator kernels against copy bandwidth, the training step; the float32
+    rows from a later run (fp32_path) where it exists."""
     r = json.loads(path.read_text())
     info, c = r["info"], r["info"]["ceilings"]
+    later = json.loads(fp32_path.read_text()) if fp32_path.exists() else {}
+    replaced = [k for k, v in later.items() if k in r and k.startswith("fp32_") and "matmul" in v]
+    for k in replaced:
+        r[k] = later[k]
     runs = {k: v for k, v in r.items() if k not in ("info", "kernels") and "matmul" in v}
     first = next(iter(runs.values()))["args"]
+    simt = fp32_path.with_name(GPU_SIMT)
     shape = f"B={first['batch']}, K=N={first['in_features']}, chunk {first['chunk'][0]}"
     bf16 = c[f"gemm_bfloat16_{first['batch']}x{first['in_features']}x{first['out_features']}_TFLOPs"]
     fp32 = c[f"gemm_float32_{first['batch']}x{first['in_features']}x{first['out_features']}_TFLOPs"]
@@ -153,6 +164,11 @@ def _gpu(path: Path) -> list[str]:
         f"`benchmarks/GPU_NOTES.md`.",
         "",
     ]
+    if replaced:
+        lc = later["info"]["ceilings"]
+        out[0] += (f" The float32 rows come from a later run on the current float32 kernel (`{fp32_path.relative_to(ROOT)}`, "
+                   f"{later['info']['gpu']}; its ceilings: copy {lc['copy_GBps']:.0f} GB/s, cuBLAS "
+                   f"{lc[f'gemm_float32_{first_shape(r)}_TFLOPs']:.0f} TFLOP/s in fp32); the other rows' code is unchanged since this run.")
     densities = [row["density"] for row in next(iter(runs.values()))["matmul"] if row["method"] == "stochgate"]
     out.append("| op | pass | dtype | " + " | ".join(f"d = {d:g}" for d in densities) + " |")
     out.append("| --- | --- | --- | " + " | ".join("---:" for _ in densities) + " |")
@@ -201,8 +217,11 @@ def _gpu(path: Path) -> list[str]:
         out.extend(_train_table(block))
         out.append("")
     out.append(f"Command: `bash benchmarks/gpu_check.sh \"$OUT\"` (its benchmark step is `python benchmarks/gpu_bench.py DIR`) → "
-               f"`{path.relative_to(ROOT)}`")
-    sm90 = path.with_name(path.stem + "_sm90.json")
+               f"`{path.relative_to(ROOT)}`" + (f", float32 rows `{fp32_path.relative_to(ROOT)}`" if replaced else ""))
+    if simt.exists():
+        out.append("")
+        out.extend(_simt(simt))
+    sm90 = path.with_name(GPU_SM90)
     if sm90.exists():
         out.append("")
         out.extend(_sm90(sm90))
@@ -230,6 +249,47 @@ _SM90_LABELS = {"sm90_s3_lag0": "wgmma, 3 stages, lag 0 (default)", "sm90_s3": "
                 "partials": "partials in chunk order (deterministic mode)"}
 
 
+def first_shape(r: dict) -> str:
+    a = next(v for k, v in r.items() if k not in ("info", "kernels") and "matmul" in v)["args"]
+    return f"{a['batch']}x{a['in_features']}x{a['out_features']}"
+
+
+def _variant_table(by: dict, variants: list[str], labels: dict[str, str]) -> list[str]:
+    """Rows of (op, density) -> {variant: eager/graph ms}: each cell ms eager / graph and the
+    speedups over dense in the same mode."""
+    out = ["| op | d | dense | " + " | ".join(labels[v] for v in variants) + " |",
+           "| --- | ---: | ---: | " + " | ".join("---:" for _ in variants) + " |"]
+    for (op, d), vs in by.items():
+        dn = vs["dense"]
+        cells = [f"{vs[v]['eager_ms']:.3f} / {vs[v]['graph_ms']:.3f} "
+                 f"(**{dn['eager_ms'] / vs[v]['eager_ms']:.2f}x** / {dn['graph_ms'] / vs[v]['graph_ms']:.2f}x)" for v in variants]
+        out.append(f"| `{op}` | {d:g} | {dn['eager_ms']:.3f} / {dn['graph_ms']:.3f} | " + " | ".join(cells) + " |")
+    return out
+
+
+_SIMT_LABELS = {"simt128": "128 × 128 tile, operands transposed into shared memory (default)",
+                "simt128k": "128 × 128 tile, K-major in shared memory (`STOCHGATE_CUDA_SIMT=128k`)",
+                "simt64": "64 × 64 tile (`STOCHGATE_CUDA_SIMT=64`)"}
+
+
+def _simt(path: Path) -> list[str]:
+    """The float32 (SIMT) GEMM kernel's configurations against dense (benchmarks/gpu_simt.py)."""
+    r = json.loads(path.read_text())
+    sh = r["shape"]
+    by: dict = {}
+    for row in r["timings"]:
+        by.setdefault((row["op"], row["density"]), {})[row["variant"]] = row
+    variants = [v for v in _SIMT_LABELS if v in next(iter(by.values()))]
+    out = [f"The float32 GEMM kernel's configurations side by side ({r['gpu']}; {sh['dtype']}, TF32 off, B={sh['B']}, "
+           f"K=N={sh['K']}, chunk {sh['chunk']}; medians of 10, interleaved with dense in one process; the backward op "
+           "computes dx, dweight and dbias, against cuBLAS doing the same three products). Each cell: ms eager / ms "
+           "replayed from a captured CUDA graph, and the speedups over dense in the same mode.", ""]
+    out += _variant_table(by, variants, _SIMT_LABELS)
+    out += ["", f"Command: the `simt` step of `bash benchmarks/gpu_check.sh \"$OUT\"` "
+                f"(`python benchmarks/gpu_simt.py DIR`) → `{path.relative_to(ROOT)}`"]
+    return out
+
+
 def _sm90(path: Path) -> list[str]:
     """The Hopper GEMM kernel's variants against dense, eager and replayed from a CUDA graph
     (benchmarks/gpu_sm90.py)."""
@@ -241,7 +301,7 @@ def _sm90(path: Path) -> list[str]:
     variants = [v for v in _SM90_LABELS if v in next(iter(by.values()))]
     if "atomic" in variants:
         out = [f"How the row reductions sum a row's chunks (`gated_input_linear`'s forward, the `dx` of "
-               f"`gated_linear_backward`), side by side ({sh['dtype']}, B={sh['B']}, K=N={sh['K']}, chunk {sh['chunk']}; "
+               f"`gated_linear_backward`), side by side ({r['gpu']}, an earlier run on the same code for these products; {sh['dtype']}, B={sh['B']}, K=N={sh['K']}, chunk {sh['chunk']}; "
                "medians of 25, interleaved with dense in one process; the backward op computes dx, dweight and dbias, "
                "against cuBLAS doing the same three products). Each cell: ms eager / ms replayed from a captured CUDA "
                "graph, and the speedups over dense in the same mode. The default adds each tile row into one fp32 "
@@ -251,7 +311,7 @@ def _sm90(path: Path) -> list[str]:
                "reproducible). Only the zero-fill column changes `gated_linear`'s forward: its other columns differ "
                "by noise."]
     else:
-        out = [f"The GEMM kernels of the K-major products side by side ({sh['dtype']}, B={sh['B']}, K=N={sh['K']}, "
+        out = [f"The GEMM kernels of the K-major products side by side ({r['gpu']}; {sh['dtype']}, B={sh['B']}, K=N={sh['K']}, "
                f"chunk {sh['chunk']}; medians of 25, interleaved with dense in one process). Each cell: ms eager / ms "
                "replayed from a captured CUDA graph, and the speedups over dense in the same mode. The three-stage wgmma "
                "ring with lag 0 (each step's wgmma waited for, loads two steps ahead) is the default on Hopper GPUs; "
@@ -259,13 +319,7 @@ def _sm90(path: Path) -> list[str]:
     if "sm90" in variants:
         out[0] += (" In this run the table above still used the four-stage ring, the default then; "
                    "the three-stage one became the default after it.")
-    out += ["", "| op | d | dense | " + " | ".join(_SM90_LABELS[v] for v in variants) + " |",
-            "| --- | ---: | ---: | " + " | ".join("---:" for _ in variants) + " |"]
-    for (op, d), vs in by.items():
-        dn = vs["dense"]
-        cells = [f"{vs[v]['eager_ms']:.3f} / {vs[v]['graph_ms']:.3f} "
-                 f"(**{dn['eager_ms'] / vs[v]['eager_ms']:.2f}x** / {dn['graph_ms'] / vs[v]['graph_ms']:.2f}x)" for v in variants]
-        out.append(f"| `{op}` | {d:g} | {dn['eager_ms']:.3f} / {dn['graph_ms']:.3f} | " + " | ".join(cells) + " |")
+    out += [""] + _variant_table(by, variants, _SM90_LABELS)
     out += ["", f"Command: the `sm90` step of `bash benchmarks/gpu_check.sh \"$OUT\"` "
                 f"(`python benchmarks/gpu_sm90.py DIR`) → `{path.relative_to(ROOT)}`"]
     return out
@@ -278,7 +332,7 @@ def render() -> str:
         card = json.loads(gpu.read_text())["info"]["gpu"].replace("NVIDIA ", "")
         parts.append(f"### Gated matmuls and estimators, GPU ({card})")
         parts.append("")
-        parts.extend(_gpu(gpu))
+        parts.extend(_gpu(gpu, RESULTS / GPU_FP32_RESULTS))
         parts.append("")
     for prefix, title, described in CPU_GROUPS:
         base = ["gated_linear_forward", "gated_linear_train", "gated_input_linear_forward", "gated_input_linear_train", "block_train"]

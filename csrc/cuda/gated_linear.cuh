@@ -22,7 +22,9 @@
 //
 // Shared-memory tiles keep the operand's global layout (positions contiguous), so the copy
 // from global memory is a straight 16-byte cp.async per vector; tensor-core fragments are
-// then read with ldmatrix (K-major) or ldmatrix.trans (M/N-major).
+// then read with ldmatrix (K-major) or ldmatrix.trans (M/N-major). The SIMT path (float,
+// double) instead transposes K-major operands while copying (detail::Tile::TRANSPOSE), so
+// that its fragments are always vectors of adjacent M or N.
 //
 // The output element (m, n) of group c goes to
 //     out[c * out_group_stride + row(m) * ldo + n]
