@@ -27,7 +27,7 @@ import stochgate
 from stochgate import bench, reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_sm90 import _median_ms, graph_of, print_timings, rel_err  # noqa: E402
+from gpu_sm90 import print_timings, rel_err, time_variants  # noqa: E402
 
 B, K, N, CHUNK = 16384, 4096, 4096, 128
 VARIANTS = {"simt128": "128", "simt128k": "128k", "simt64": "64"}
@@ -78,23 +78,16 @@ def timings(repeats: int = 10) -> list[dict]:
                     return torch.ops.stochgate.gated_linear_backward(dy, x, w, bias, gates, [True, True, True, False],
                                                                      False)
 
-                runs = {"dense": lambda dy=dy: (dy @ w, dy.t() @ x, dy.sum(0))}
+                def dense(dy=dy):
+                    return dy @ w, dy.t() @ x, dy.sum(0)
             else:
                 def fn():
                     return stochgate.gated_linear(x, w, bias, gates)
 
-                runs = {"dense": lambda: F.linear(x, w, bias)}
-            graphs = {"dense": graph_of(runs["dense"])}
-            for variant in VARIANTS:
-                use(variant)
-                runs[variant] = (lambda v: lambda: (use(v), fn()))(variant)
-                graphs[variant] = graph_of(fn)
-            eager = bench.time_interleaved(runs, repeats, "cuda", warmup=2)
-            replay = bench.time_interleaved(graphs, repeats, "cuda", warmup=2)
-            for name in runs:
-                rows.append({"op": op, "density": density, "variant": name,
-                             "eager_ms": _median_ms(eager[name]), "graph_ms": _median_ms(replay[name])})
-            del inputs, x, w, bias, gates, runs, graphs
+                def dense():
+                    return F.linear(x, w, bias)
+            rows += time_variants(op, density, dense, fn, VARIANTS, use, repeats, 2)
+            del inputs, x, w, bias, gates, dense, fn
             torch.cuda.empty_cache()
     return rows
 

@@ -146,6 +146,22 @@ def print_timings(rows: list[dict], variants) -> None:
         print(f"{op:<21} d={d:<4} " + " | ".join(cells))
 
 
+def time_variants(op: str, density: float, dense, call, variants, use, repeats: int, warmup: int) -> list[dict]:
+    """dense() and call() under each variant (use(v) sets its environment, also before each
+    eager call), interleaved, eager and replayed from a CUDA graph: one row per method with the
+    median ms of each."""
+    runs = {"dense": dense}
+    graphs = {"dense": graph_of(dense)}
+    for variant in variants:
+        use(variant)
+        runs[variant] = (lambda v: lambda: (use(v), call()))(variant)
+        graphs[variant] = graph_of(call)
+    eager = bench.time_interleaved(runs, repeats, "cuda", warmup=warmup)
+    replay = bench.time_interleaved(graphs, repeats, "cuda", warmup=warmup)
+    return [{"op": op, "density": density, "variant": name, "eager_ms": _median_ms(eager[name]),
+             "graph_ms": _median_ms(replay[name])} for name in runs]
+
+
 def timings(repeats: int = 25) -> list[dict]:
     """Forward of both ops, and gated_linear's backward op (dx, dweight, dbias; gates need no
     gradient: the training step's backward) against cuBLAS doing the same three products."""
@@ -162,21 +178,15 @@ def timings(repeats: int = 25) -> list[dict]:
                 def fn(a, w, bias, gates, dy=dy, mask=mask):
                     return torch.ops.stochgate.gated_linear_backward(dy, a, w, bias, gates, mask, False)
 
-                runs = {"dense": lambda dy=dy: (dy @ w, dy.t() @ a, dy.sum(0))}
+                def dense(dy=dy):
+                    return dy @ w, dy.t() @ a, dy.sum(0)
             else:
                 fn = stochgate.gated_linear if op == "gated_linear" else stochgate.gated_input_linear
-                runs = {"dense": lambda: F.linear(a, w, bias)}
-            graphs = {"dense": graph_of(runs["dense"])}
-            for variant in VARIANTS:
-                use(variant)
-                runs[variant] = (lambda v: lambda: (use(v), fn(a, w, bias, gates)))(variant)
-                graphs[variant] = graph_of(lambda: fn(a, w, bias, gates))
-            eager = bench.time_interleaved(runs, repeats, "cuda", warmup=3)
-            replay = bench.time_interleaved(graphs, repeats, "cuda", warmup=3)
-            for name in runs:
-                rows.append({"op": op, "density": density, "variant": name,
-                             "eager_ms": _median_ms(eager[name]), "graph_ms": _median_ms(replay[name])})
-            del inputs, a, w, bias, gates, runs, graphs
+
+                def dense():
+                    return F.linear(a, w, bias)
+            rows += time_variants(op, density, dense, lambda: fn(a, w, bias, gates), VARIANTS, use, repeats, 3)
+            del inputs, a, w, bias, gates, dense
             torch.cuda.empty_cache()
     return rows
 
