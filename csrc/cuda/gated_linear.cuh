@@ -193,6 +193,16 @@ struct SmemTile {
   static constexpr int ELEMS = LINES * LDS;
 };
 
+// The shared-memory operand tiles of a tile configuration and layout: the global layouts,
+// except where Cfg::TRANSPOSE makes K-major operands M/N-major; BYTES for all stages.
+template <typename T, typename Cfg, bool AK, bool BK>
+struct Operands {
+  static constexpr bool A_SK = AK && !Cfg::TRANSPOSE, B_SK = BK && !Cfg::TRANSPOSE;
+  using SA = SmemTile<T, A_SK, Cfg::BM, Cfg::BK, Cfg::PAD>;
+  using SB = SmemTile<T, B_SK, Cfg::BN, Cfg::BK, Cfg::PAD>;
+  static constexpr int BYTES = Cfg::STAGES * (SA::ELEMS + SB::ELEMS) * static_cast<int>(sizeof(T));
+};
+
 // smem: a shared-memory address (as cvta gives it), or a generic pointer into shared memory.
 __device__ __forceinline__ void cp_async16(unsigned smem, const void* gmem, bool pred) {
   const int src_bytes = pred ? 16 : 0;  // 0: no global read, the 16 bytes are zero-filled
@@ -602,10 +612,10 @@ __global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT>::THREADS,
   using Cfg = Tile<T, kTensorCores<T>, SIMT>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, THREADS = Cfg::THREADS;
   constexpr int STAGES = Cfg::STAGES;
-  // Shared-memory layouts: the global ones, except where Cfg::TRANSPOSE makes them M/N-major.
-  constexpr bool A_SK = A_KM && !Cfg::TRANSPOSE, B_SK = B_KM && !Cfg::TRANSPOSE;
-  using SA = SmemTile<T, A_SK, BM, BK, Cfg::PAD>;
-  using SB = SmemTile<T, B_SK, BN, BK, Cfg::PAD>;
+  using Ops = Operands<T, Cfg, A_KM, B_KM>;
+  constexpr bool A_SK = Ops::A_SK, B_SK = Ops::B_SK;
+  using SA = typename Ops::SA;
+  using SB = typename Ops::SB;
 
   const int c = blockIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
@@ -812,18 +822,6 @@ __global__ void __launch_bounds__(Tile<T, kTensorCores<T>, SIMT>::THREADS,
   }
 }
 
-template <typename T, bool AK, bool BK, int SIMT>
-constexpr int smem_bytes() {
-  using Cfg = Tile<T, kTensorCores<T>, SIMT>;
-  return Cfg::STAGES *
-         (SmemTile<T, AK && !Cfg::TRANSPOSE, Cfg::BM, Cfg::BK, Cfg::PAD>::ELEMS +
-          SmemTile<T, BK && !Cfg::TRANSPOSE, Cfg::BN, Cfg::BK, Cfg::PAD>::ELEMS) *
-         static_cast<int>(sizeof(T));
-}
-
-}  // namespace detail
-
-namespace detail {
 // The launch with one tile configuration (grid sized by its tile).
 template <typename T, typename OutT, bool AK, bool BK, int SIMT>
 void launch_tiles(const GroupedGemmParams<T, OutT, acc_of<T>>& q, cudaStream_t stream) {
@@ -833,7 +831,7 @@ void launch_tiles(const GroupedGemmParams<T, OutT, acc_of<T>>& q, cudaStream_t s
   STOCHGATE_CHECK(mt <= 65535 && nt <= 65535,
                   "stochgate gated matmul: problem too large for the CUDA grid (", q.max_m, " x ",
                   q.max_n, " outputs per chunk)");
-  constexpr int operand_smem = smem_bytes<T, AK, BK, SIMT>();
+  constexpr int operand_smem = Operands<T, Cfg, AK, BK>::BYTES;
   // kRedBulk stages the output tile where the operands were (tensor-core kernels only).
   const int smem = q.red_mode == kRedBulk && kTensorCores<T>
                        ? std::max(operand_smem, Cfg::BM * kBulkRow)
