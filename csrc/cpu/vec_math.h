@@ -19,11 +19,6 @@
 
 #define SG_INLINE inline __attribute__((always_inline))
 
-// Vector values pass only between these always-inline functions, inside the kernels' per-ISA
-// builds (estimators.cpp), so the ABI of passing them by value never matters.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace stochgate {
 namespace vm {
 
@@ -258,5 +253,3 @@ SG_INLINE void philox16(uint64_t seed, uint64_t offset, uint64_t g0, vu w[4]) {
 
 }  // namespace vm
 }  // namespace stochgate
-
-#pragma GCC diagnostic pop
