@@ -237,31 +237,33 @@ def main() -> int:
         torch.cuda.empty_cache()
         (outdir / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"\n##### sample and route ({time.time() - t0:.0f} s)", flush=True)
-    try:
-        if only:
-            raise RuntimeError(f"skipped (--only {only})")
-        results["info"]["sample_and_route"] = sample_and_route()
-        for r in results["info"]["sample_and_route"]:
-            print(f"d={r['density']} (given gates {r['given_density']:.4f}, drawn {r['drawn_density']:.4f}), "
-                  "ms eager / graph: " + ", ".join(
-                      f"{k} {r[k + '_eager_ms']:.3f} / {r[k + '_graph_ms']:.3f}"
-                      for k in ("given_gates", "given_drawn_gates", "sample_only", "sample_then_route")))
-            print(f"    sample then route over given gates +{100 * r['overhead_eager']:.1f}% / "
-                  f"+{100 * r['overhead_graph']:.1f}%, over the same gates given "
-                  f"+{100 * r['overhead_vs_drawn_eager']:.1f}% / +{100 * r['overhead_vs_drawn_graph']:.1f}%")
-    except Exception as exc:  # noqa: BLE001
-        print(f"sample and route FAILED: {type(exc).__name__}: {exc}")
+    if only:
+        print(f"skipped (--only {only})")
+    else:
+        try:
+            results["info"]["sample_and_route"] = sample_and_route()
+            for r in results["info"]["sample_and_route"]:
+                print(f"d={r['density']} (given gates {r['given_density']:.4f}, drawn {r['drawn_density']:.4f}), "
+                      "ms eager / graph: " + ", ".join(
+                          f"{k} {r[k + '_eager_ms']:.3f} / {r[k + '_graph_ms']:.3f}"
+                          for k in ("given_gates", "given_drawn_gates", "sample_only", "sample_then_route")))
+                print(f"    sample then route over given gates +{100 * r['overhead_eager']:.1f}% / "
+                      f"+{100 * r['overhead_graph']:.1f}%, over the same gates given "
+                      f"+{100 * r['overhead_vs_drawn_eager']:.1f}% / +{100 * r['overhead_vs_drawn_graph']:.1f}%")
+        except Exception as exc:  # noqa: BLE001
+            print(f"sample and route FAILED: {type(exc).__name__}: {exc}")
     print(f"\n##### kernel breakdown ({time.time() - t0:.0f} s)", flush=True)
-    try:
-        if only:
-            raise RuntimeError(f"skipped (--only {only})")
-        results["kernels"] = kernel_breakdown()
-        for cfg, rows in results["kernels"].items():
-            print(cfg)
-            for r in rows[:8]:
-                print(f"   {r['ms_per_call']:8.4f} ms  x{r['launches_per_call']:<3} {r['kernel']}")
-    except Exception as exc:  # noqa: BLE001
-        print(f"kernel breakdown FAILED: {type(exc).__name__}: {exc}")
+    if only:
+        print(f"skipped (--only {only})")
+    else:
+        try:
+            results["kernels"] = kernel_breakdown()
+            for cfg, rows in results["kernels"].items():
+                print(cfg)
+                for r in rows[:8]:
+                    print(f"   {r['ms_per_call']:8.4f} ms  x{r['launches_per_call']:<3} {r['kernel']}")
+        except Exception as exc:  # noqa: BLE001
+            print(f"kernel breakdown FAILED: {type(exc).__name__}: {exc}")
     (outdir / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"done in {time.time() - t0:.0f} s")
     summary(results)

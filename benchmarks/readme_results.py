@@ -152,8 +152,9 @@ def _gpu(path: Path, fp32_path: Path) -> list[str]:
     first = next(iter(runs.values()))["args"]
     simt = fp32_path.with_name(GPU_SIMT)
     shape = f"B={first['batch']}, K=N={first['in_features']}, chunk {first['chunk'][0]}"
-    bf16 = c[f"gemm_bfloat16_{first['batch']}x{first['in_features']}x{first['out_features']}_TFLOPs"]
-    fp32 = c[f"gemm_float32_{first['batch']}x{first['in_features']}x{first['out_features']}_TFLOPs"]
+    gemm = f"{first['batch']}x{first['in_features']}x{first['out_features']}"
+    bf16 = c[f"gemm_bfloat16_{gemm}_TFLOPs"]
+    fp32 = c[f"gemm_float32_{gemm}_TFLOPs"]
     out = [
         f"Machine: {info['gpu']}, torch {info['torch']}, CUDA {info['cuda']}, kernels built for sm_{info['build']['cuda_archs']}. "
         f"Ceilings measured in the same run: device-to-device copy {c['copy_GBps']:.0f} GB/s (bytes read + written), "
@@ -168,7 +169,7 @@ def _gpu(path: Path, fp32_path: Path) -> list[str]:
         lc = later["info"]["ceilings"]
         out[0] += (f" The float32 rows come from a later run on the current float32 kernel (`{fp32_path.relative_to(ROOT)}`, "
                    f"{later['info']['gpu']}; its ceilings: copy {lc['copy_GBps']:.0f} GB/s, cuBLAS "
-                   f"{lc[f'gemm_float32_{first_shape(r)}_TFLOPs']:.0f} TFLOP/s in fp32); the other rows' code is unchanged since this run.")
+                   f"{lc[f'gemm_float32_{gemm}_TFLOPs']:.0f} TFLOP/s in fp32); the other rows' code is unchanged since this run.")
     densities = [row["density"] for row in next(iter(runs.values()))["matmul"] if row["method"] == "stochgate"]
     out.append("| op | pass | dtype | " + " | ".join(f"d = {d:g}" for d in densities) + " |")
     out.append("| --- | --- | --- | " + " | ".join("---:" for _ in densities) + " |")
@@ -247,11 +248,6 @@ _SM90_LABELS = {"sm90_s3_lag0": "wgmma, 3 stages, lag 0 (default)", "sm90_s3": "
                 "zero_serial": "zero-fill before the GEMM",
                 "mn_mma": "dx, dh, dweight on mma.sync",
                 "partials": "partials in chunk order (deterministic mode)"}
-
-
-def first_shape(r: dict) -> str:
-    a = next(v for k, v in r.items() if k not in ("info", "kernels") and "matmul" in v)["args"]
-    return f"{a['batch']}x{a['in_features']}x{a['out_features']}"
 
 
 def _variant_table(by: dict, variants: list[str], labels: dict[str, str]) -> list[str]:
