@@ -1347,6 +1347,13 @@ SG_GG_INLINE void scatter_blocks(const ScatterArgs& a, int64_t blk0, int64_t blk
             for (int64_t j = 0; j < chunk; ++j) buf[j * PW + t] = src[j];
           }
         } else {
+          // The next panel's lines of the chunk's rows (one per row on AVX2, rows 8 KB apart
+          // in the common shapes) prefetched while this one is copied (AVX2, interleaved, two
+          // rounds: dx 12.0 / 13.2 -> 10.8 / 12.1 ms at d = 0.1, 3-5% at 0.25 and 0.5).
+          if (kp + PW < k1) {
+            const int64_t wn = std::min<int64_t>(PW, k1 - kp - PW) * 4;
+            for (int64_t j = 0; j < chunk; ++j) prefetch_lines(a.bm + (c * chunk + j) * a.ldb + kp + PW, wn);
+          }
           pack_panel<V>(a.bm + c * chunk * a.ldb, a.ldb, nullptr, chunk, kp, w, buf.data(), PW);
         }
         for (int64_t i0 = 0; i0 < n; i0 += MR) {
