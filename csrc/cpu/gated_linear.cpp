@@ -939,6 +939,13 @@ SG_ALWAYS_INLINE void prefetch_lines(const float* p, int64_t bytes) {
 }
 constexpr int64_t kRowsAhead = 8;
 
+// For a copy walking the row list idx (null: no list, nothing to fetch) at position q of n:
+// prefetches the `bytes` at column col of the row it reaches kRowsAhead positions later.
+SG_ALWAYS_INLINE void prefetch_row_ahead(const float* src, int64_t ld, const int64_t* idx, int64_t q, int64_t n,
+                                         int64_t col, int64_t bytes) {
+  if (idx && q + kRowsAhead < n) prefetch_lines(src + idx[q + kRowsAhead] * ld + col, bytes);
+}
+
 // Copies the `w` columns at `col` of rows idx[q] (or q) of src (ld) into dst (n, ldd), zero
 // padded to ldd. Full-width rows (w == ldd, whole vectors) are copied with vector loads and
 // stores: GCC inlines the memcpy of these short rows as `rep movsq`, slow to start for 256 bytes
@@ -949,7 +956,7 @@ SG_GG_INLINE void pack_panel(const float* src, int64_t ld, const int64_t* idx, i
   constexpr int L = gg::VecInfo<V>::L;
   if (w == ldd && w % L == 0) {
     for (int64_t q = 0; q < n; ++q) {
-      if (idx && q + kRowsAhead < n) prefetch_lines(src + idx[q + kRowsAhead] * ld + col, w * 4);
+      prefetch_row_ahead(src, ld, idx, q, n, col, w * 4);
       const float* s = src + (idx ? idx[q] : q) * ld + col;
       float* d = dst + q * ldd;
       for (int64_t j = 0; j < w; j += L) gg::vstore(d + j, gg::vload<V>(s + j));
@@ -957,7 +964,7 @@ SG_GG_INLINE void pack_panel(const float* src, int64_t ld, const int64_t* idx, i
     return;
   }
   for (int64_t q = 0; q < n; ++q) {
-    if (idx && q + kRowsAhead < n) prefetch_lines(src + idx[q + kRowsAhead] * ld + col, w * 4);
+    prefetch_row_ahead(src, ld, idx, q, n, col, w * 4);
     const float* s = src + (idx ? idx[q] : q) * ld + col;
     float* d = dst + q * ldd;
     std::memcpy(d, s, w * sizeof(float));
@@ -1436,7 +1443,7 @@ SG_GG_INLINE void gather_chunks(const GatherArgs& a, int64_t c0, int64_t c1) {
       if (a.b_cols - ks >= nsp * PW) {  // whole panels
         for (int64_t q = 0; q < n; ++q) {
           const float* src = a.b + rows[q] * a.ldb + bcol0 + ks;
-          if (q + kRowsAhead < n) prefetch_lines(a.b + rows[q + kRowsAhead] * a.ldb + bcol0 + ks, nsp * PW * 4);
+          prefetch_row_ahead(a.b, a.ldb, rows, q, n, bcol0 + ks, nsp * PW * 4);
           for (int64_t sp = 0; sp < nsp; ++sp) {
             float* d = bbuf.data() + (sp * n + q) * PW;
             for (int j = 0; j < PW; j += L) gg::vstore(d + j, gg::vload<V>(src + sp * PW + j));
