@@ -419,6 +419,31 @@ def test_edge_gates(device, C, fill):
     )
 
 
+# Zero-sized dimensions other than B: K = 0 (empty dot products: the output is the gated bias)
+# and N = 0, on the row kernels (chunk 1 and 3) and the per-chunk GEMMs (chunk 32), forward and
+# every gradient against the reference. K = 0 divided by zero in the row kernels' unit blocking.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5, 0, 96, 96), (5, 0, 96, 32), (5, 0, 96, 3), (4, 7, 0, 2), (0, 0, 96, 3)])
+def test_empty_feature_dims(device, shape):
+    B, K, N, C = shape
+    x, w, b, g = _data(B, K, N, C, device, torch.float32)
+    h = torch.randn(B, N, device=device)
+    cases = [
+        (stochgate.gated_linear, R.gated_linear, [x, w, b, g], N, True),
+        # h (B, N) gated by g into weight (K, N): K = 0 outputs, or N = 0 inputs.
+        (stochgate.gated_input_linear, R.gated_input_linear, [h, w.t().contiguous(), torch.ones(K, device=device), g], K, False),
+    ]
+    for fn, ref, args, width, gate_grad in cases:
+        dy = torch.randn(B, width, device=device)
+        out = _run(fn, args, dy, (True, True, True, gate_grad))
+        exp = _run(ref, args, dy, (True, True, True, gate_grad))
+        for o, r in zip(out, exp):
+            assert (o is None) == (r is None)
+            if o is not None:
+                assert o.shape == r.shape
+                torch.testing.assert_close(o, r)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C", [2, 32])
 def test_non_contiguous(device, C):

@@ -594,8 +594,9 @@ SG_ALWAYS_INLINE void spmm_units(const T* a, int64_t K, int64_t chunk, const Chu
 template <int ISA, typename T, typename Out>
 SG_ALWAYS_INLINE void sddmm_range(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
                                   const RowRouting& rr, int64_t b0, int64_t b1, const Out& out) {
-  const int64_t nb =
-      std::max<int64_t>(chunk, (kL2Bytes / (K * (int64_t)sizeof(T))) / chunk * chunk);
+  // K = 0 (empty dot products) is a valid input: one unit block then.
+  const int64_t nb = std::max<int64_t>(
+      chunk, (kL2Bytes / (std::max<int64_t>(K, 1) * (int64_t)sizeof(T))) / chunk * chunk);
   std::vector<int64_t> cursor(b1 - b0);
   for (int64_t b = b0; b < b1; ++b) cursor[b - b0] = rr.offsets[b];
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
