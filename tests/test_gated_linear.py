@@ -678,6 +678,9 @@ def test_modules(device):
     assert lin.weight.grad is not None
     with pytest.raises(ValueError, match="num_chunks"):
         stochgate.nn.GatedLinear(12, 30, 4)
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="num_chunks"):
+            stochgate.nn.GatedInputLinear(12, 30, bad)
 
 
 def test_bad_inputs():

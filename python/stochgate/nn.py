@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Literal
 
 import torch
@@ -103,14 +104,19 @@ class _GatedBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, num_chunks: int, gated_units: int,
                  bias: bool, device, dtype) -> None:
         super().__init__()
-        if num_chunks < 1 or gated_units % num_chunks != 0:
+        try:  # ints and integer scalars such as numpy's, not floats or bools
+            count = None if isinstance(num_chunks, bool) else operator.index(num_chunks)
+        except TypeError:
+            count = None
+        if count is None or count < 1 or gated_units % count != 0:
             raise ValueError(
-                f"num_chunks must divide the {gated_units} gated units, got num_chunks={num_chunks}"
+                f"num_chunks must be a positive int dividing the {gated_units} gated units, "
+                f"got num_chunks={num_chunks!r}"
             )
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
-        self.num_chunks = num_chunks
+        self.num_chunks = count
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
