@@ -431,7 +431,8 @@ def test_empty_feature_dims(device, shape):
     cases = [
         (stochgate.gated_linear, R.gated_linear, [x, w, b, g], N, True),
         # h (B, N) gated by g into weight (K, N): K = 0 outputs, or N = 0 inputs.
-        (stochgate.gated_input_linear, R.gated_input_linear, [h, w.t().contiguous(), torch.ones(K, device=device), g], K, False),
+        (stochgate.gated_input_linear, R.gated_input_linear,
+         [h, w.t().contiguous(), torch.ones(K, device=device), g], K, False),
     ]
     for fn, ref, args, width, gate_grad in cases:
         dy = torch.randn(B, width, device=device)
