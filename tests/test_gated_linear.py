@@ -170,19 +170,23 @@ def test_cpu_unit_gating_forward_float32(monkeypatch, shape, threads, isa):
     assert (y[g == 0] == 0).all()
 
 
-# Row kernels (chunk < 16), float32: where the K-wide operand's width is a multiple of 128
-# (AVX-512 and AVX2) they read it from a block-major copy; with STOCHGATE_ROW_BLOCKS=0 in place.
-# Every product of both ops against the float64 reference, both ways: unit counts that are and
+# Row kernels (chunk < 16), float32. AVX-512: where the K-wide operand's width is a multiple of
+# 128 they walk K blocks of a block-major copy; with STOCHGATE_ROW_BLOCKS=0 in place. AVX2: dx,
+# dW and gated_input_linear's forward stream whole rows in blocks of rows (4 MiB, or 4 KiB here:
+# a few rows per block, so that rows and chunk lists continue across blocks); dW2 walks K blocks.
+# Every product of both ops against the float64 reference, each way: unit counts that are and
 # are not multiples of 16 (the transposes' tails), several K blocks, rows without any active
-# unit, widths that are not multiples of 128 (in place either way), one and two threads, each
+# unit, widths that are not multiples of 128 or of 8 (vector tails), one and two threads, each
 # ISA's kernels (AVX2 takes a 128-wide K block in two 64-wide halves).
 @pytest.mark.parametrize("shape", [(37, 256, 200, 1, 0.2), (64, 384, 96, 4, 0.5), (5, 128, 48, 2, 0.05),
-                                   (20, 200, 64, 1, 0.3)])
+                                   (20, 200, 64, 1, 0.3), (30, 77, 45, 3, 0.4)])
 @pytest.mark.parametrize("blocks", ["", "0"])
+@pytest.mark.parametrize("stream_bytes", ["", "4096"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ["", "avx2", "base"])
-def test_cpu_row_kernels_block_major(monkeypatch, shape, blocks, threads, isa):
+def test_cpu_row_kernels_block_major(monkeypatch, shape, blocks, stream_bytes, threads, isa):
     monkeypatch.setenv("STOCHGATE_ROW_BLOCKS", blocks)
+    monkeypatch.setenv("STOCHGATE_ROW_STREAM_BYTES", stream_bytes)
     monkeypatch.setenv("STOCHGATE_CPU_ISA", isa)
     B, K, N, chunk, density = shape
     with _num_threads(threads):

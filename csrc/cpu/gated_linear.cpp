@@ -54,6 +54,11 @@ constexpr int64_t kKBlock = 128;
 // copy (see block_major; measured at chunk 1, density 0.1, 2 threads: gated_linear dx 44 ->
 // 18 ms, dW 29 -> 15 ms, gated_input_linear forward 52 -> 16 ms).
 // STOCHGATE_ROW_BLOCKS=0 keeps the row-major reads (for measuring and the tests).
+// On AVX2 the row kernels that add weighted rows (gated_linear's dx and dW, gated_input_linear's
+// forward) stream whole rows instead (spmm_rows_stream / spmm_units_stream): rows of the summed
+// operand are blocked to about this many bytes, which stay in L2/L3 while the outputs stream
+// past (measured on a Zen 3 VM, chunk 1, d = 0.1 / 0.25, 2 threads: 1-8 MiB alike, 256 KiB worse).
+constexpr int64_t kStreamBytes = 4 << 20;
 
 // ---------------------------------------------------------------------------------------
 // Routing: which (row, chunk) pairs are active, and their gate values.
@@ -290,6 +295,21 @@ bool use_row_blocks(int64_t K) {
   return !(env && std::strcmp(env, "0") == 0);
 }
 
+// Whether the row kernels that add weighted rows stream whole rows of a row-major operand
+// (AVX2) rather than walk K blocks of 128 (AVX-512, measured there; baseline code).
+template <typename T>
+bool use_row_stream() {
+  return std::is_same_v<T, float> && gg_isa() == 1;
+}
+
+// Rows of a (rows, K) float32 operand per stream block (STOCHGATE_ROW_STREAM_BYTES: a smaller
+// block, for the tests).
+int64_t stream_rows(int64_t K) {
+  const char* env = std::getenv("STOCHGATE_ROW_STREAM_BYTES");
+  const int64_t bytes = env && std::atoll(env) > 0 ? std::atoll(env) : kStreamBytes;
+  return std::max<int64_t>(1, bytes / (std::max<int64_t>(K, 1) * (int64_t)sizeof(float)));
+}
+
 // t (rows, K) row-major -> (K / 128, rows, 128): [kb, r, j] = t[r, kb * 128 + j].
 at::Tensor block_major(const at::Tensor& t) {
   return t.view({t.size(0), t.size(1) / kKBlock, kKBlock}).permute({1, 0, 2}).contiguous();
@@ -390,6 +410,69 @@ SG_ALWAYS_INLINE void dotn_pick(const float* a, const float* const* w, int nu, i
     default: return dotn_vec<V, 1>(a, w, K, out);
   }
 }
+
+// o[k] += c[0] * w[0][k] + ... + c[NU-1] * w[NU-1][k] over K elements: one FMA per unit, in
+// unit order (the rounding of adding the units one at a time, as the K-block kernels do).
+template <class V, int NU>
+SG_ALWAYS_INLINE void axpyn_vec(float* o, const float* const* w, const float* c, int64_t K) {
+  constexpr int L = gg::VecInfo<V>::L;
+  V cv[NU];
+  const float* wp[NU];
+#pragma GCC unroll 4
+  for (int u = 0; u < NU; ++u) {
+    cv[u] = gg::vsplat<V>(c[u]);
+    wp[u] = w[u];
+  }
+  int64_t k = 0;
+  for (; k + 2 * L <= K; k += 2 * L) {
+    V a0 = gg::vload<V>(o + k), a1 = gg::vload<V>(o + k + L);
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; ++u) {
+      a0 += cv[u] * gg::vload<V>(wp[u] + k);
+      a1 += cv[u] * gg::vload<V>(wp[u] + k + L);
+    }
+    gg::vstore(o + k, a0);
+    gg::vstore(o + k + L, a1);
+  }
+  for (; k < K; ++k) {
+    float a = o[k];
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; ++u) a += c[u] * wp[u][k];
+    o[k] = a;
+  }
+}
+
+template <class V>
+SG_ALWAYS_INLINE void axpyn_pick(float* o, const float* const* w, const float* c, int nu, int64_t K) {
+  switch (nu) {
+    case 4: return axpyn_vec<V, 4>(o, w, c, K);
+    case 3: return axpyn_vec<V, 3>(o, w, c, K);
+    case 2: return axpyn_vec<V, 2>(o, w, c, K);
+    default: return axpyn_vec<V, 1>(o, w, c, K);
+  }
+}
+
+// Adds weighted rows four at a time: o += sum of c[i] * rows[i], collected by add().
+template <class V>
+struct RowAdder {
+  float* o;
+  int64_t K;
+  const float* rows[4];
+  float c[4];
+  int n = 0;
+  SG_ALWAYS_INLINE void add(const float* row, float coef) {
+    rows[n] = row;
+    c[n] = coef;
+    if (++n == 4) {
+      axpyn_vec<V, 4>(o, rows, c, K);
+      n = 0;
+    }
+  }
+  SG_ALWAYS_INLINE void flush() {
+    if (n) axpyn_pick<V>(o, rows, c, n, K);
+    n = 0;
+  }
+};
 
 // Out of line, so that callers inside lambdas (which do not inherit a target attribute) get
 // the vector code.
@@ -659,11 +742,72 @@ void sddmm_rows_out(const T* a, const T* w, int64_t B, int64_t N, int64_t K, int
   });
 }
 
+#if SG_GG_MULTI
+// spmm_rows over whole rows (use_row_stream): out[b] = init + sum over the active units n of row
+// b of coef(b, p, n) * w[n], w (N, K) row-major, rows [b0, b1). Per block of units (stream_rows)
+// each row adds its active units of the block, streaming their weight rows (as the sampled
+// product streams them for its dot products); out's row stays in L1 meanwhile.
+template <class V, typename Coef>
+SG_ALWAYS_INLINE void spmm_rows_stream(const float* w, int64_t N, int64_t K, int64_t chunk,
+                                       const RowRouting& rr, int64_t b0, int64_t b1, const float* init,
+                                       float* out, const Coef& coef) {
+  const int64_t nb = std::max(chunk, stream_rows(K) / chunk * chunk);  // whole chunks per block
+  std::vector<int64_t> cursor(b1 - b0);
+  for (int64_t b = b0; b < b1; ++b) {
+    cursor[b - b0] = rr.offsets[b];
+    float* o = out + b * K;
+    if (init) std::copy(init, init + K, o);
+    else std::fill(o, o + K, 0.0f);
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t n1 = std::min(N, n0 + nb);
+    for (int64_t b = b0; b < b1; ++b) {
+      RowAdder<V> add{out + b * K, K};
+      int64_t& p = cursor[b - b0];
+      for (; p < rr.offsets[b + 1] && rr.chunks[p] * chunk < n1; ++p) {
+        const int64_t c = rr.chunks[p];
+        for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) add.add(w + n * K, coef(b, p, n));
+      }
+      add.flush();
+    }
+  }
+}
+
+// spmm_units over whole rows (use_row_stream): out[n] = sum over the active rows b of n's chunk
+// of coef(q, n) * a[b], a (B, K) row-major, chunks [c0, c1). Per block of a's rows (stream_rows)
+// each unit adds its chunk's active rows of the block.
+template <class V, typename Coef>
+SG_ALWAYS_INLINE void spmm_units_stream(const float* a, int64_t B, int64_t K, int64_t chunk,
+                                        const ChunkRouting& cr, int64_t c0, int64_t c1, float* out,
+                                        const Coef& coef) {
+  const int64_t rb = stream_rows(K);
+  std::vector<int64_t> cursor(cr.offsets.begin() + c0, cr.offsets.begin() + c1);
+  std::fill(out + c0 * chunk * K, out + c1 * chunk * K, 0.0f);
+  for (int64_t r0 = 0; r0 < B; r0 += rb) {
+    const int64_t r1 = std::min(B, r0 + rb);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t qb = cursor[c - c0];
+      int64_t qe = qb;
+      while (qe < cr.offsets[c + 1] && cr.rows[qe] < r1) ++qe;
+      cursor[c - c0] = qe;
+      for (int64_t n = c * chunk; qe > qb && n < (c + 1) * chunk; ++n) {
+        RowAdder<V> add{out + n * K, K};
+        for (int64_t q = qb; q < qe; ++q) add.add(a + cr.rows[q] * K, coef(q, n));
+        add.flush();
+      }
+    }
+  }
+}
+#endif  // SG_GG_MULTI
+
 template <int ISA, typename T, typename Coef>
-SG_ALWAYS_INLINE void spmm_rows_isa(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
+SG_ALWAYS_INLINE void spmm_rows_isa(const T* w, int64_t N, int64_t K, int64_t chunk, const RowRouting& rr,
                                     int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
                                     const Blocked& bl) {
 #if SG_GG_MULTI
+  if constexpr (std::is_same_v<T, float> && ISA == 1) {
+    if (!bl.p) return spmm_rows_stream<gg::v8>(w, N, K, chunk, rr, b0, b1, init, out, coef);
+  }
   if constexpr (std::is_same_v<T, float> && ISA > 0) {
     using V = RowV<ISA>;
     if (bl.p) spmm_rows_vec<V>(bl.p, K, chunk, rr, b0, b1, init, out, coef, kKBlock, bl.rows);
@@ -675,17 +819,17 @@ SG_ALWAYS_INLINE void spmm_rows_isa(const T* w, int64_t K, int64_t chunk, const 
 }
 
 template <typename T, typename Coef>
-SG_GG_TARGET_AVX512 void spmm_rows_avx512(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
+SG_GG_TARGET_AVX512 void spmm_rows_avx512(const T* w, int64_t N, int64_t K, int64_t chunk, const RowRouting& rr,
                                 int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
                                 const Blocked& bl) {
-  spmm_rows_isa<2>(w, K, chunk, rr, b0, b1, init, out, coef, bl);
+  spmm_rows_isa<2>(w, N, K, chunk, rr, b0, b1, init, out, coef, bl);
 }
 
 template <typename T, typename Coef>
-SG_GG_TARGET_AVX2 void spmm_rows_avx2(const T* w, int64_t K, int64_t chunk, const RowRouting& rr,
+SG_GG_TARGET_AVX2 void spmm_rows_avx2(const T* w, int64_t N, int64_t K, int64_t chunk, const RowRouting& rr,
                                       int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
                                       const Blocked& bl) {
-  spmm_rows_isa<1>(w, K, chunk, rr, b0, b1, init, out, coef, bl);
+  spmm_rows_isa<1>(w, N, K, chunk, rr, b0, b1, init, out, coef, bl);
 }
 
 template <typename T, typename Coef>
@@ -694,23 +838,26 @@ void spmm_rows_base(const T* w, int64_t K, int64_t chunk, const RowRouting& rr, 
   spmm_rows(w, K, chunk, rr, b0, b1, init, out, coef);
 }
 
-// out (B, K) = init + sum over active units n of coef * w[n] (w is (N, K); bl: its
-// block-major copy, only where use_row_blocks).
+// out (B, K) = init + sum over active units n of coef * w[n] (w is (N, K) row-major; bl: its
+// block-major copy, only where use_row_blocks and not use_row_stream).
 template <typename T, typename Coef>
-void spmm_rows_all(const T* w, int64_t B, int64_t K, int64_t chunk, const RowRouting& rr,
+void spmm_rows_all(const T* w, int64_t B, int64_t N, int64_t K, int64_t chunk, const RowRouting& rr,
                    const T* init, T* out, const Coef& coef, const Blocked& bl = {}) {
   const int isa = gg_isa();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    if (isa == 2) spmm_rows_avx512(w, K, chunk, rr, b0, b1, init, out, coef, bl);
-    else if (isa == 1) spmm_rows_avx2(w, K, chunk, rr, b0, b1, init, out, coef, bl);
+    if (isa == 2) spmm_rows_avx512(w, N, K, chunk, rr, b0, b1, init, out, coef, bl);
+    else if (isa == 1) spmm_rows_avx2(w, N, K, chunk, rr, b0, b1, init, out, coef, bl);
     else spmm_rows_base(w, K, chunk, rr, b0, b1, init, out, coef);
   });
 }
 
 template <int ISA, typename T, typename Coef>
-SG_ALWAYS_INLINE void spmm_units_isa(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
+SG_ALWAYS_INLINE void spmm_units_isa(const T* a, int64_t B, int64_t K, int64_t chunk, const ChunkRouting& cr,
                                      int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
 #if SG_GG_MULTI
+  if constexpr (std::is_same_v<T, float> && ISA == 1) {
+    if (!bl.p) return spmm_units_stream<gg::v8>(a, B, K, chunk, cr, c0, c1, out, coef);
+  }
   if constexpr (std::is_same_v<T, float> && ISA > 0) {
     using V = RowV<ISA>;
     if (bl.p) spmm_units_vec<V>(bl.p, K, chunk, cr, c0, c1, out, coef, kKBlock, bl.rows, bl.out_t);
@@ -722,15 +869,15 @@ SG_ALWAYS_INLINE void spmm_units_isa(const T* a, int64_t K, int64_t chunk, const
 }
 
 template <typename T, typename Coef>
-SG_GG_TARGET_AVX512 void spmm_units_avx512(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
+SG_GG_TARGET_AVX512 void spmm_units_avx512(const T* a, int64_t B, int64_t K, int64_t chunk, const ChunkRouting& cr,
                                  int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
-  spmm_units_isa<2>(a, K, chunk, cr, c0, c1, out, coef, bl);
+  spmm_units_isa<2>(a, B, K, chunk, cr, c0, c1, out, coef, bl);
 }
 
 template <typename T, typename Coef>
-SG_GG_TARGET_AVX2 void spmm_units_avx2(const T* a, int64_t K, int64_t chunk, const ChunkRouting& cr,
+SG_GG_TARGET_AVX2 void spmm_units_avx2(const T* a, int64_t B, int64_t K, int64_t chunk, const ChunkRouting& cr,
                                        int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
-  spmm_units_isa<1>(a, K, chunk, cr, c0, c1, out, coef, bl);
+  spmm_units_isa<1>(a, B, K, chunk, cr, c0, c1, out, coef, bl);
 }
 
 template <typename T, typename Coef>
@@ -739,15 +886,16 @@ void spmm_units_base(const T* a, int64_t K, int64_t chunk, const ChunkRouting& c
   spmm_units(a, K, chunk, cr, c0, c1, out, coef);
 }
 
-// out (N, K): out[n] = sum over the active rows of n's chunk of coef * a[b] (a is (B, K);
-// bl: its block-major copy, only where use_row_blocks).
+// out (N, K): out[n] = sum over the active rows of n's chunk of coef * a[b] (a is (B, K)
+// row-major; bl: its block-major copy, only where use_row_blocks; not use_row_stream unless it
+// writes out transposed).
 template <typename T, typename Coef>
-void spmm_units_all(const T* a, int64_t C, int64_t K, int64_t chunk, const ChunkRouting& cr,
+void spmm_units_all(const T* a, int64_t B, int64_t C, int64_t K, int64_t chunk, const ChunkRouting& cr,
                     T* out, const Coef& coef, const Blocked& bl = {}) {
   const int isa = gg_isa();
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    if (isa == 2) spmm_units_avx512(a, K, chunk, cr, c0, c1, out, coef, bl);
-    else if (isa == 1) spmm_units_avx2(a, K, chunk, cr, c0, c1, out, coef, bl);
+    if (isa == 2) spmm_units_avx512(a, B, K, chunk, cr, c0, c1, out, coef, bl);
+    else if (isa == 1) spmm_units_avx2(a, B, K, chunk, cr, c0, c1, out, coef, bl);
     else spmm_units_base(a, K, chunk, cr, c0, c1, out, coef);
   });
 }
@@ -1808,17 +1956,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
     }
     if (chunk < kGemmMinChunk) {
       // Row-wise sparse kernels. q-index of pair p (row order) -> chunk order is not needed:
-      // dx and active dgates walk rows, dw walks chunks.
-      const bool blocks = use_row_blocks<T>(K);
+      // dx and active dgates walk rows, dw walks chunks. dx and dw read W and x in place where
+      // they stream whole rows (AVX2), from block-major copies where they walk K blocks.
+      const bool blocks = use_row_blocks<T>(K) && !use_row_stream<T>();
       if (need_dx) {
         const at::Tensor wb = blocks ? block_major(w) : at::Tensor();
-        spmm_rows_all<T>(pw, B, K, chunk, rr, nullptr, dx.mutable_data_ptr<T>(),
+        spmm_rows_all<T>(pw, B, N, K, chunk, rr, nullptr, dx.mutable_data_ptr<T>(),
                          row_pair_coef(pdpr, rr, chunk),
                          blocks ? Blocked{wb.const_data_ptr<float>(), N} : Blocked{});
       }
       if (need_dw) {
         const at::Tensor xb = blocks ? block_major(x) : at::Tensor();
-        spmm_units_all<T>(px, C, K, chunk, cr, dw.mutable_data_ptr<T>(),
+        spmm_units_all<T>(px, B, C, K, chunk, cr, dw.mutable_data_ptr<T>(),
                           [&](int64_t q, int64_t n) { return pdp[q * chunk + n % chunk]; },
                           blocks ? Blocked{xb.const_data_ptr<float>(), B} : Blocked{});
       }
@@ -1968,17 +2117,18 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
     const T* pb = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
     if (chunk < kGemmMinChunk) {
       // y[b] = bias + sum over active units n of h[b, n] * weight[:, n]: rows of weight.T
-      // (its block-major copy straight from weight where use_row_blocks).
+      // (its block-major copy straight from weight where use_row_blocks and the kernel walks K
+      // blocks; a transposed copy where it streams whole rows or reads them in place).
       const at::Tensor hr = row_pairs<T>(h, rr, chunk, /*scale=*/false);
       const T* phr = hr.const_data_ptr<T>();
       const auto coef = row_pair_coef(phr, rr, chunk);
-      if (use_row_blocks<T>(M)) {
+      if (use_row_blocks<T>(M) && !use_row_stream<T>()) {
         const at::Tensor wb = block_major_t(w);
-        spmm_rows_all<T>(nullptr, B, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef,
+        spmm_rows_all<T>(nullptr, B, N, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef,
                          Blocked{wb.const_data_ptr<float>(), N});
       } else {
         const at::Tensor wt = transposed(w);
-        spmm_rows_all<T>(wt.const_data_ptr<T>(), B, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef);
+        spmm_rows_all<T>(wt.const_data_ptr<T>(), B, N, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef);
       }
       return;
     }
@@ -2065,11 +2215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
         // packed: 57 -> 20 ms at chunk 1, density 0.1, 2 threads.
         if (use_row_blocks<T>(M)) {
           const at::Tensor dyb = block_major(dy);
-          spmm_units_all<T>(nullptr, C, M, chunk, cr, dw.mutable_data_ptr<T>(), coef,
+          spmm_units_all<T>(nullptr, B, C, M, chunk, cr, dw.mutable_data_ptr<T>(), coef,
                             Blocked{dyb.const_data_ptr<float>(), B, N});
         } else {
           auto dwt = at::empty({N, M}, h.options());
-          spmm_units_all<T>(pdy, C, M, chunk, cr, dwt.mutable_data_ptr<T>(), coef);
+          spmm_units_all<T>(pdy, B, C, M, chunk, cr, dwt.mutable_data_ptr<T>(), coef);
           dw.copy_(dwt.t());
         }
       }
