@@ -172,8 +172,8 @@ def test_cpu_unit_gating_forward_float32(monkeypatch, shape, threads, isa):
 
 # Row kernels (chunk < 16), float32. AVX-512: where the K-wide operand's width is a multiple of
 # 128 they walk K blocks of a block-major copy; with STOCHGATE_ROW_BLOCKS=0 in place. AVX2: dx,
-# dW and gated_input_linear's forward stream whole rows in blocks of rows (4 MiB, or 4 KiB here:
-# a few rows per block, so that rows and chunk lists continue across blocks); dW2 walks K blocks.
+# dW and gated_input_linear's forward and dW2 stream whole rows in blocks of rows (4 MiB, or
+# 4 KiB here: a few rows per block, so that rows and chunk lists continue across blocks).
 # Every product of both ops against the float64 reference, each way: unit counts that are and
 # are not multiples of 16 (the transposes' tails), several K blocks, rows without any active
 # unit, widths that are not multiples of 128 or of 8 (vector tails), one and two threads, each

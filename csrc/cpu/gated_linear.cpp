@@ -55,9 +55,10 @@ constexpr int64_t kKBlock = 128;
 // 18 ms, dW 29 -> 15 ms, gated_input_linear forward 52 -> 16 ms).
 // STOCHGATE_ROW_BLOCKS=0 keeps the row-major reads (for measuring and the tests).
 // On AVX2 the row kernels that add weighted rows (gated_linear's dx and dW, gated_input_linear's
-// forward) stream whole rows instead (spmm_rows_stream / spmm_units_stream): rows of the summed
-// operand are blocked to about this many bytes, which stay in L2/L3 while the outputs stream
-// past (measured on a Zen 3 VM, chunk 1, d = 0.1 / 0.25, 2 threads: 1-8 MiB alike, 256 KiB worse).
+// forward and dW2) stream whole rows instead (spmm_rows_stream / spmm_units_stream): rows of
+// the summed operand are blocked to about this many bytes, which stay in L2/L3 while the
+// outputs stream past (measured on a Zen 3 VM, chunk 1, d = 0.1 / 0.25, 2 threads: 1-8 MiB
+// alike, 256 KiB worse).
 constexpr int64_t kStreamBytes = 4 << 20;
 
 // ---------------------------------------------------------------------------------------
@@ -819,9 +820,9 @@ SG_ALWAYS_INLINE void spmm_rows_isa(const T* w, int64_t N, int64_t K, int64_t ch
 }
 
 template <typename T, typename Coef>
-SG_GG_TARGET_AVX512 void spmm_rows_avx512(const T* w, int64_t N, int64_t K, int64_t chunk, const RowRouting& rr,
-                                int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
-                                const Blocked& bl) {
+SG_GG_TARGET_AVX512 void spmm_rows_avx512(const T* w, int64_t N, int64_t K, int64_t chunk,
+                                          const RowRouting& rr, int64_t b0, int64_t b1, const T* init,
+                                          T* out, const Coef& coef, const Blocked& bl) {
   spmm_rows_isa<2>(w, N, K, chunk, rr, b0, b1, init, out, coef, bl);
 }
 
@@ -869,14 +870,16 @@ SG_ALWAYS_INLINE void spmm_units_isa(const T* a, int64_t B, int64_t K, int64_t c
 }
 
 template <typename T, typename Coef>
-SG_GG_TARGET_AVX512 void spmm_units_avx512(const T* a, int64_t B, int64_t K, int64_t chunk, const ChunkRouting& cr,
-                                 int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
+SG_GG_TARGET_AVX512 void spmm_units_avx512(const T* a, int64_t B, int64_t K, int64_t chunk,
+                                           const ChunkRouting& cr, int64_t c0, int64_t c1, T* out,
+                                           const Coef& coef, const Blocked& bl) {
   spmm_units_isa<2>(a, B, K, chunk, cr, c0, c1, out, coef, bl);
 }
 
 template <typename T, typename Coef>
-SG_GG_TARGET_AVX2 void spmm_units_avx2(const T* a, int64_t B, int64_t K, int64_t chunk, const ChunkRouting& cr,
-                                       int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
+SG_GG_TARGET_AVX2 void spmm_units_avx2(const T* a, int64_t B, int64_t K, int64_t chunk,
+                                       const ChunkRouting& cr, int64_t c0, int64_t c1, T* out,
+                                       const Coef& coef, const Blocked& bl) {
   spmm_units_isa<1>(a, B, K, chunk, cr, c0, c1, out, coef, bl);
 }
 
@@ -2211,16 +2214,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
         const at::Tensor hp = pack_pairs<T>(h, rr, cr, chunk, /*scale=*/false);
         const T* php = hp.const_data_ptr<T>();
         const auto coef = [&](int64_t q, int64_t n) { return php[q * chunk + n % chunk]; };
-        // Block-major dy, written straight into dW2 (M, N) without a transposed copy, and h
-        // packed: 57 -> 20 ms at chunk 1, density 0.1, 2 threads.
-        if (use_row_blocks<T>(M)) {
+        // K blocks (AVX-512): block-major dy, written straight into dW2 (M, N) without a
+        // transposed copy, and h packed: 57 -> 20 ms at chunk 1, density 0.1, 2 threads.
+        // Streaming whole rows (AVX2) or in place: dW2^T (N, M), then transposed (AVX2, chunk 1,
+        // d = 0.1 / 0.25: 33.8 / 73.2 -> 27.3 / 68.0 ms against the K-block kernel).
+        if (use_row_blocks<T>(M) && !use_row_stream<T>()) {
           const at::Tensor dyb = block_major(dy);
           spmm_units_all<T>(nullptr, B, C, M, chunk, cr, dw.mutable_data_ptr<T>(), coef,
                             Blocked{dyb.const_data_ptr<float>(), B, N});
         } else {
           auto dwt = at::empty({N, M}, h.options());
           spmm_units_all<T>(pdy, B, C, M, chunk, cr, dwt.mutable_data_ptr<T>(), coef);
-          dw.copy_(dwt.t());
+          dw = transposed(dwt);
         }
       }
       return;
