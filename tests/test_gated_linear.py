@@ -177,7 +177,7 @@ def test_cpu_unit_gating_forward_float32(monkeypatch, shape, threads, isa):
 # Every product of both ops against the float64 reference, each way: unit counts that are and
 # are not multiples of 16 (the transposes' tails), several K blocks, rows without any active
 # unit, widths that are not multiples of 128 or of 8 (vector tails), one and two threads, each
-# ISA's kernels (AVX2 takes a 128-wide K block in two 64-wide halves).
+# ISA's kernels.
 @pytest.mark.parametrize("shape", [(37, 256, 200, 1, 0.2), (64, 384, 96, 4, 0.5), (5, 128, 48, 2, 0.05),
                                    (20, 200, 64, 1, 0.3), (30, 77, 45, 3, 0.4)])
 @pytest.mark.parametrize("blocks", ["", "0"])

@@ -364,10 +364,9 @@ SG_ALWAYS_INLINE T dot1(const T* a, const T* w, int64_t K) {
 }
 
 #if SG_GG_MULTI
-// Float32 versions with explicit vectors, gg::v16 in AVX-512 code and gg::v8 in AVX2 code
-// (RowV): the lane-wise loops above leave their accumulators on the stack (measured:
+// Float32 versions with explicit vectors, gg::v16 in AVX-512 code and gg::v8 in AVX2 code:
+// the lane-wise loops above leave their accumulators on the stack (measured:
 // store-forwarding bound), these keep them in registers.
-template <int ISA> using RowV = std::conditional_t<ISA == 2, gg::v16, gg::v8>;
 
 // out[u] = <a, w[u]> over K elements for NU units sharing the loads of a; two accumulators per
 // unit (two K halves of each 2L step) so that even one unit has independent FMA chains.
@@ -485,7 +484,7 @@ SG_GG_TARGET_AVX2 void dotn_avx2(const float* a, const float* const* w, int nu, 
 }
 
 // spmm_rows for float32 with each K block's output segment in registers: 8 accumulators of
-// L lanes, so a 128-wide block in one pass with 16 lanes and in two with 8.
+// L lanes, a 128-wide block in one pass with AVX-512's 16 (AVX2 streams whole rows instead).
 // Unit n's K block at k0 is w + n * ld + k0 * kstride: row-major (ld = K, kstride = 1) or
 // block-major (ld = 128, kstride = number of units; K a multiple of 128).
 template <class V, typename Coef>
@@ -806,13 +805,13 @@ SG_ALWAYS_INLINE void spmm_rows_isa(const T* w, int64_t N, int64_t K, int64_t ch
                                     int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
                                     const Blocked& bl) {
 #if SG_GG_MULTI
-  if constexpr (std::is_same_v<T, float> && ISA == 1) {
-    if (!bl.p) return spmm_rows_stream<gg::v8>(w, N, K, chunk, rr, b0, b1, init, out, coef);
+  if constexpr (std::is_same_v<T, float> && ISA == 1) {  // use_row_stream: no block-major copy
+    TORCH_INTERNAL_ASSERT(!bl.p);
+    return spmm_rows_stream<gg::v8>(w, N, K, chunk, rr, b0, b1, init, out, coef);
   }
-  if constexpr (std::is_same_v<T, float> && ISA > 0) {
-    using V = RowV<ISA>;
-    if (bl.p) spmm_rows_vec<V>(bl.p, K, chunk, rr, b0, b1, init, out, coef, kKBlock, bl.rows);
-    else spmm_rows_vec<V>(w, K, chunk, rr, b0, b1, init, out, coef, K, 1);
+  if constexpr (std::is_same_v<T, float> && ISA == 2) {
+    if (bl.p) spmm_rows_vec<gg::v16>(bl.p, K, chunk, rr, b0, b1, init, out, coef, kKBlock, bl.rows);
+    else spmm_rows_vec<gg::v16>(w, K, chunk, rr, b0, b1, init, out, coef, K, 1);
     return;
   }
 #endif
@@ -856,13 +855,13 @@ template <int ISA, typename T, typename Coef>
 SG_ALWAYS_INLINE void spmm_units_isa(const T* a, int64_t B, int64_t K, int64_t chunk, const ChunkRouting& cr,
                                      int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
 #if SG_GG_MULTI
-  if constexpr (std::is_same_v<T, float> && ISA == 1) {
-    if (!bl.p) return spmm_units_stream<gg::v8>(a, B, K, chunk, cr, c0, c1, out, coef);
+  if constexpr (std::is_same_v<T, float> && ISA == 1) {  // use_row_stream: no block-major copy
+    TORCH_INTERNAL_ASSERT(!bl.p);
+    return spmm_units_stream<gg::v8>(a, B, K, chunk, cr, c0, c1, out, coef);
   }
-  if constexpr (std::is_same_v<T, float> && ISA > 0) {
-    using V = RowV<ISA>;
-    if (bl.p) spmm_units_vec<V>(bl.p, K, chunk, cr, c0, c1, out, coef, kKBlock, bl.rows, bl.out_t);
-    else spmm_units_vec<V>(a, K, chunk, cr, c0, c1, out, coef, K, 1, 0);
+  if constexpr (std::is_same_v<T, float> && ISA == 2) {
+    if (bl.p) spmm_units_vec<gg::v16>(bl.p, K, chunk, cr, c0, c1, out, coef, kKBlock, bl.rows, bl.out_t);
+    else spmm_units_vec<gg::v16>(a, K, chunk, cr, c0, c1, out, coef, K, 1, 0);
     return;
   }
 #endif
@@ -890,8 +889,7 @@ void spmm_units_base(const T* a, int64_t K, int64_t chunk, const ChunkRouting& c
 }
 
 // out (N, K): out[n] = sum over the active rows of n's chunk of coef * a[b] (a is (B, K)
-// row-major; bl: its block-major copy, only where use_row_blocks; not use_row_stream unless it
-// writes out transposed).
+// row-major; bl: its block-major copy, only where use_row_blocks and not use_row_stream).
 template <typename T, typename Coef>
 void spmm_units_all(const T* a, int64_t B, int64_t C, int64_t K, int64_t chunk, const ChunkRouting& cr,
                     T* out, const Coef& coef, const Blocked& bl = {}) {
