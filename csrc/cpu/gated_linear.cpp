@@ -288,27 +288,30 @@ struct Blocked {
   int64_t out_t = 0;  // spmm_units: > 0 writes its (units, K) result transposed, ld out_t
 };
 
-// Whether the row kernels read a K-wide float32 operand from a block-major copy.
+// Whether the row kernels read a K-wide float32 operand from a block-major copy: only the
+// AVX-512 ones walk K blocks (AVX2 streams whole rows of the row-major operand, the baseline
+// code reads it in place).
 template <typename T>
 bool use_row_blocks(int64_t K) {
-  if (!std::is_same_v<T, float> || gg_isa() == 0 || K == 0 || K % kKBlock != 0) return false;
+  if (!std::is_same_v<T, float> || gg_isa() != 2 || K == 0 || K % kKBlock != 0) return false;
   const char* env = std::getenv("STOCHGATE_ROW_BLOCKS");
   return !(env && std::strcmp(env, "0") == 0);
 }
 
-// Whether the row kernels that add weighted rows stream whole rows of a row-major operand
-// (AVX2) rather than walk K blocks of 128 (AVX-512, measured there; baseline code).
-template <typename T>
-bool use_row_stream() {
-  return std::is_same_v<T, float> && gg_isa() == 1;
+// Rows of a (rows, K) operand of elem-byte elements that fit in about `bytes` (at least one).
+int64_t rows_in_bytes(int64_t bytes, int64_t K, int64_t elem) {
+  return std::max<int64_t>(1, bytes / (std::max<int64_t>(K, 1) * elem));
 }
+
+// A block of about `rows` units rounded down to whole chunks (at least one chunk).
+int64_t whole_chunks(int64_t rows, int64_t chunk) { return std::max(chunk, rows / chunk * chunk); }
 
 // Rows of a (rows, K) float32 operand per stream block (STOCHGATE_ROW_STREAM_BYTES: a smaller
 // block, for the tests).
 int64_t stream_rows(int64_t K) {
   const char* env = std::getenv("STOCHGATE_ROW_STREAM_BYTES");
   const int64_t bytes = env && std::atoll(env) > 0 ? std::atoll(env) : kStreamBytes;
-  return std::max<int64_t>(1, bytes / (std::max<int64_t>(K, 1) * (int64_t)sizeof(float)));
+  return rows_in_bytes(bytes, K, sizeof(float));
 }
 
 // t (rows, K) row-major -> (K / 128, rows, 128): [kb, r, j] = t[r, kb * 128 + j].
@@ -678,8 +681,7 @@ template <int ISA, typename T, typename Out>
 SG_ALWAYS_INLINE void sddmm_range(const T* a, const T* w, int64_t N, int64_t K, int64_t chunk,
                                   const RowRouting& rr, int64_t b0, int64_t b1, const Out& out) {
   // K = 0 (empty dot products) is a valid input: one unit block then.
-  const int64_t nb = std::max<int64_t>(
-      chunk, (kL2Bytes / (std::max<int64_t>(K, 1) * (int64_t)sizeof(T))) / chunk * chunk);
+  const int64_t nb = whole_chunks(rows_in_bytes(kL2Bytes, K, sizeof(T)), chunk);
   std::vector<int64_t> cursor(b1 - b0);
   for (int64_t b = b0; b < b1; ++b) cursor[b - b0] = rr.offsets[b];
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
@@ -743,7 +745,7 @@ void sddmm_rows_out(const T* a, const T* w, int64_t B, int64_t N, int64_t K, int
 }
 
 #if SG_GG_MULTI
-// spmm_rows over whole rows (use_row_stream): out[b] = init + sum over the active units n of row
+// spmm_rows over whole rows (AVX2): out[b] = init + sum over the active units n of row
 // b of coef(b, p, n) * w[n], w (N, K) row-major, rows [b0, b1). Per block of units (stream_rows)
 // each row adds its active units of the block, streaming their weight rows (as the sampled
 // product streams them for its dot products); out's row stays in L1 meanwhile.
@@ -751,7 +753,7 @@ template <class V, typename Coef>
 SG_ALWAYS_INLINE void spmm_rows_stream(const float* w, int64_t N, int64_t K, int64_t chunk,
                                        const RowRouting& rr, int64_t b0, int64_t b1, const float* init,
                                        float* out, const Coef& coef) {
-  const int64_t nb = std::max(chunk, stream_rows(K) / chunk * chunk);  // whole chunks per block
+  const int64_t nb = whole_chunks(stream_rows(K), chunk);
   std::vector<int64_t> cursor(b1 - b0);
   for (int64_t b = b0; b < b1; ++b) {
     cursor[b - b0] = rr.offsets[b];
@@ -773,7 +775,7 @@ SG_ALWAYS_INLINE void spmm_rows_stream(const float* w, int64_t N, int64_t K, int
   }
 }
 
-// spmm_units over whole rows (use_row_stream): out[n] = sum over the active rows b of n's chunk
+// spmm_units over whole rows (AVX2): out[n] = sum over the active rows b of n's chunk
 // of coef(q, n) * a[b], a (B, K) row-major, chunks [c0, c1). Per block of a's rows (stream_rows)
 // each unit adds its chunk's active rows of the block.
 template <class V, typename Coef>
@@ -790,7 +792,8 @@ SG_ALWAYS_INLINE void spmm_units_stream(const float* a, int64_t B, int64_t K, in
       int64_t qe = qb;
       while (qe < cr.offsets[c + 1] && cr.rows[qe] < r1) ++qe;
       cursor[c - c0] = qe;
-      for (int64_t n = c * chunk; qe > qb && n < (c + 1) * chunk; ++n) {
+      if (qe == qb) continue;
+      for (int64_t n = c * chunk; n < (c + 1) * chunk; ++n) {
         RowAdder<V> add{out + n * K, K};
         for (int64_t q = qb; q < qe; ++q) add.add(a + cr.rows[q] * K, coef(q, n));
         add.flush();
@@ -805,7 +808,7 @@ SG_ALWAYS_INLINE void spmm_rows_isa(const T* w, int64_t N, int64_t K, int64_t ch
                                     int64_t b0, int64_t b1, const T* init, T* out, const Coef& coef,
                                     const Blocked& bl) {
 #if SG_GG_MULTI
-  if constexpr (std::is_same_v<T, float> && ISA == 1) {  // use_row_stream: no block-major copy
+  if constexpr (std::is_same_v<T, float> && ISA == 1) {  // streams (no copy: use_row_blocks)
     TORCH_INTERNAL_ASSERT(!bl.p);
     return spmm_rows_stream<gg::v8>(w, N, K, chunk, rr, b0, b1, init, out, coef);
   }
@@ -839,7 +842,7 @@ void spmm_rows_base(const T* w, int64_t K, int64_t chunk, const RowRouting& rr, 
 }
 
 // out (B, K) = init + sum over active units n of coef * w[n] (w is (N, K) row-major; bl: its
-// block-major copy, only where use_row_blocks and not use_row_stream).
+// block-major copy, only where use_row_blocks).
 template <typename T, typename Coef>
 void spmm_rows_all(const T* w, int64_t B, int64_t N, int64_t K, int64_t chunk, const RowRouting& rr,
                    const T* init, T* out, const Coef& coef, const Blocked& bl = {}) {
@@ -855,7 +858,7 @@ template <int ISA, typename T, typename Coef>
 SG_ALWAYS_INLINE void spmm_units_isa(const T* a, int64_t B, int64_t K, int64_t chunk, const ChunkRouting& cr,
                                      int64_t c0, int64_t c1, T* out, const Coef& coef, const Blocked& bl) {
 #if SG_GG_MULTI
-  if constexpr (std::is_same_v<T, float> && ISA == 1) {  // use_row_stream: no block-major copy
+  if constexpr (std::is_same_v<T, float> && ISA == 1) {  // streams (no copy: use_row_blocks)
     TORCH_INTERNAL_ASSERT(!bl.p);
     return spmm_units_stream<gg::v8>(a, B, K, chunk, cr, c0, c1, out, coef);
   }
@@ -889,7 +892,7 @@ void spmm_units_base(const T* a, int64_t K, int64_t chunk, const ChunkRouting& c
 }
 
 // out (N, K): out[n] = sum over the active rows of n's chunk of coef * a[b] (a is (B, K)
-// row-major; bl: its block-major copy, only where use_row_blocks and not use_row_stream).
+// row-major; bl: its block-major copy, only where use_row_blocks).
 template <typename T, typename Coef>
 void spmm_units_all(const T* a, int64_t B, int64_t C, int64_t K, int64_t chunk, const ChunkRouting& cr,
                     T* out, const Coef& coef, const Blocked& bl = {}) {
@@ -1959,7 +1962,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward
       // Row-wise sparse kernels. q-index of pair p (row order) -> chunk order is not needed:
       // dx and active dgates walk rows, dw walks chunks. dx and dw read W and x in place where
       // they stream whole rows (AVX2), from block-major copies where they walk K blocks.
-      const bool blocks = use_row_blocks<T>(K) && !use_row_stream<T>();
+      const bool blocks = use_row_blocks<T>(K);
       if (need_dx) {
         const at::Tensor wb = blocks ? block_major(w) : at::Tensor();
         spmm_rows_all<T>(pw, B, N, K, chunk, rr, nullptr, dx.mutable_data_ptr<T>(),
@@ -2118,12 +2121,12 @@ at::Tensor gated_input_linear_cpu(const at::Tensor& h_in, const at::Tensor& w_in
     const T* pb = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
     if (chunk < kGemmMinChunk) {
       // y[b] = bias + sum over active units n of h[b, n] * weight[:, n]: rows of weight.T
-      // (its block-major copy straight from weight where use_row_blocks and the kernel walks K
-      // blocks; a transposed copy where it streams whole rows or reads them in place).
+      // (its block-major copy straight from weight where use_row_blocks; a transposed copy
+      // where the kernel streams whole rows or reads them in place).
       const at::Tensor hr = row_pairs<T>(h, rr, chunk, /*scale=*/false);
       const T* phr = hr.const_data_ptr<T>();
       const auto coef = row_pair_coef(phr, rr, chunk);
-      if (use_row_blocks<T>(M) && !use_row_stream<T>()) {
+      if (use_row_blocks<T>(M)) {
         const at::Tensor wb = block_major_t(w);
         spmm_rows_all<T>(nullptr, B, N, M, chunk, rr, pb, y.mutable_data_ptr<T>(), coef,
                          Blocked{wb.const_data_ptr<float>(), N});
@@ -2216,7 +2219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_input_linear_backward_cpu(
         // transposed copy, and h packed: 57 -> 20 ms at chunk 1, density 0.1, 2 threads.
         // Streaming whole rows (AVX2) or in place: dW2^T (N, M), then transposed (AVX2, chunk 1,
         // d = 0.1 / 0.25: 33.8 / 73.2 -> 27.3 / 68.0 ms against the K-block kernel).
-        if (use_row_blocks<T>(M) && !use_row_stream<T>()) {
+        if (use_row_blocks<T>(M)) {
           const at::Tensor dyb = block_major(dy);
           spmm_units_all<T>(nullptr, B, C, M, chunk, cr, dw.mutable_data_ptr<T>(), coef,
                             Blocked{dyb.const_data_ptr<float>(), B, N});
